@@ -1,0 +1,127 @@
+"""
+nanoGPT's "poor man's configurator", with its rough edges filed off. A script defines its config as plain
+module-level globals (each with a trailing comment) and then calls
+
+    config = configurator.configure(globals())
+
+which applies, left to right (later wins):
+    python train.py config/vpred.py --k=5 --batch_size=2
+- `config/X.py`: a config file, executed as Python in a namespace seeded with the current values. Config
+  files are TRUSTED code (as in nanoGPT): never run one you did not read. Relative paths are looked up in
+  the working directory first, then in this repo, so scripts work from any directory.
+- `--key=value`: the value is parsed with ast.literal_eval (never exec); if that fails it is a string.
+Fixes over nanoGPT: an unknown key fails naming the close matches; an int is accepted for a float; bools
+accept true/false/yes/no/1/0; `--help` lists every key with its default and comment.
+"""
+import ast
+import difflib
+import os
+import re
+import sys
+import types
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+_BOOL = {"true": True, "false": False, "yes": True, "no": False, "1": True, "0": False, "on": True, "off": False}
+
+
+def config_keys(g):
+    """The config globals: plain values defined at module level before configure() is called."""
+    ok = (int, float, bool, str, tuple, list, dict, type(None))
+    return [k for k, v in g.items() if not k.startswith("_") and isinstance(v, ok)]
+
+
+def _comments(path):
+    """`name = value  # comment` lines of the calling script, for --help."""
+    out = {}
+    try:
+        for line in open(path, encoding="utf-8"):
+            m = re.match(r"^(\w+)\s*=.*?#\s*(.*)$", line)
+            if m and m.group(1) not in out:
+                out[m.group(1)] = m.group(2).strip()
+    except OSError:
+        pass
+    return out
+
+
+def _coerce(key, value, default):
+    """Type-check value against the default's type; returns the value to store or raises ValueError."""
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (int, str)) and str(value).lower() in _BOOL:
+            return _BOOL[str(value).lower()]
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)  # --lr=1 is a float too
+    elif isinstance(default, (tuple, list)):
+        if isinstance(value, (tuple, list)):
+            return type(default)(value)
+    elif isinstance(value, type(default)):
+        return value
+    raise ValueError(f"config key {key!r} expects {type(default).__name__} (default {default!r}), "
+                     f"got {type(value).__name__} {value!r}")
+
+
+def _unknown(key, keys):
+    close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else "; see --help"
+    return ValueError(f"unknown config key {key!r}{hint}")
+
+
+def _find_file(arg):
+    for p in (arg, os.path.join(REPO, arg)):
+        if os.path.isfile(p):
+            return p
+    raise FileNotFoundError(f"config file {arg!r} not found (looked in {os.getcwd()} and {REPO})")
+
+
+def _help(g, keys):
+    script = os.path.basename(g.get("__file__", "script.py"))
+    notes = _comments(g.get("__file__", ""))
+    print(f"usage: python {script} [config/FILE.py ...] [--key=value ...]   (later arguments win)")
+    width = max(len(k) + len(repr(g[k])) for k in keys) + 4
+    for k in keys:
+        print(f"  --{k}={g[k]!r}".ljust(width + 2) + (f"  # {notes[k]}" if k in notes else ""))
+
+
+def configure(g, argv=None):
+    """Apply config files and --key=value overrides to the globals dict g; returns the final config dict."""
+    argv = sys.argv[1:] if argv is None else argv
+    keys = config_keys(g)
+    if any(a in ("-h", "--help") for a in argv):
+        _help(g, keys)
+        sys.exit(0)
+    for arg in argv:
+        if not arg.startswith("--"):
+            if not arg.endswith(".py"):
+                raise ValueError(f"unexpected argument {arg!r}: expected config/FILE.py or --key=value")
+            path = _find_file(arg)
+            print(f"config: {path}")
+            ns = {k: g[k] for k in keys}
+            exec(compile(open(path, encoding="utf-8").read(), path, "exec"), ns)
+            for k, v in ns.items():
+                if k.startswith("_") or isinstance(v, (types.ModuleType, types.FunctionType, type)):
+                    continue
+                if k not in keys:
+                    raise _unknown(k, keys)
+                g[k] = _coerce(k, v, g[k])
+        else:
+            key, eq, val = arg[2:].partition("=")
+            if not eq:
+                raise ValueError(f"expected --key=value, got {arg!r}")
+            if key not in keys:
+                raise _unknown(key, keys)
+            try:
+                value = ast.literal_eval(val)
+            except (SyntaxError, ValueError):
+                value = val  # a bare string, e.g. --init_from=resume
+            if isinstance(g[key], str) and not isinstance(value, str):
+                value = val  # --out_dir=2024 is the string '2024'
+            g[key] = _coerce(key, value, g[key])
+            print(f"config: {key} = {g[key]!r}")
+    return {k: g[k] for k in keys}

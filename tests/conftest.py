@@ -1,0 +1,7 @@
+# tests import the top-level modules (model, schedule, data) the way the scripts do: from the repo root
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
