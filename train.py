@@ -1,0 +1,544 @@
+"""
+Uptrain SDXL from epsilon- to v-prediction on a new noise schedule (math.md §1), nanoGPT style.
+
+The recipe: v = alpha eps - sigma x, per-sample MSE weighted by sigmoid(k - logSNR_t) with k=5, on
+scaled-linear betas 0.00085 -> 0.024 rescaled to zero terminal SNR (Lin et al. 2023), AdamW8bit with
+lr < 1e-5 and betas ramped (0.9, 0.95) -> (0.95, 0.99), bf16 compute with fp32 master weights, compiled UNet.
+VAE and text encoders are frozen; their outputs are cached once (data.py).
+
+Launch:
+    python train.py config/tiny.py                                   # offline CPU demo, tiny model
+    python train.py config/vpred.py --k=5 --dataset_dir=/path/imgs   # 1 GPU, the real SDXL recipe
+    torchrun --standalone --nproc_per_node=8 train.py config/vpred.py --dataset_dir=...   # DDP
+    python train.py config/tiny.py --init_from=resume                # continue out_dir's ckpt.pt exactly
+    python train.py --help                                           # every key, default and meaning
+"""
+import json
+import math
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.distributed import destroy_process_group, init_process_group
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import configurator
+import data
+import model
+import schedule
+
+# -----------------------------------------------------------------------------
+# I/O
+out_dir = "out/vpred"  # ckpt.pt, model.safetensors, diffusers/, logs, previews
+init_from = "hf:stabilityai/stable-diffusion-xl-base-1.0/sd_xl_base_1.0_0.9vae.safetensors"  # local file | hf:REPO/FILE | 'random' (SDXL-shaped) | 'resume'
+tokenizer = "hf:stabilityai/stable-diffusion-xl-base-1.0"  # folder with vocab.json + merges.txt, or hf:REPO
+tiny_size = False  # init_from missing -> make a tiny random SDXL-topology checkpoint there (offline demo)
+ckpt_interval = 250  # iterations between ckpt.pt writes (also written at the end and on SIGINT/SIGTERM)
+export_dtype = "fp16"  # dtype of the exported model.safetensors: fp16 | bf16 | fp32
+# data
+dataset_dir = ""  # images + same-stem .txt captions, or metadata.jsonl (file_name, text)
+cache_dir = ""  # latents/text-embedding cache; '' -> out_dir/cache (never beside the images)
+make_synthetic = 0  # >0: dataset_dir missing -> write this many synthetic captioned images there
+resolution = 1024  # bucket area = resolution^2
+bucket_step = 64  # bucket sides are multiples of this
+crop = "center"  # center | random (random is drawn once per image, so the cache stays valid)
+flip = False  # horizontal flip, drawn once per image
+caption_dropout = 0.1  # fraction of samples trained unconditionally (zeroed context and pooled)
+eval_items = 4  # images held out for the per-t-bin eval (taken from the dataset, never trained on)
+# recipe
+batch_size = 4  # per-process micro-batch; global batch = batch_size * grad_accum * world_size
+grad_accum = 1  # micro-steps per optimizer step (total across processes, divided by world size)
+max_iters = 1000  # optimizer steps
+prediction = "v"  # v | eps (eps pretrains an epsilon model with the same loop)
+beta_start = 0.00085  # scaled-linear betas start
+beta_end = 0.024  # 0.012 * sqrt(1024 / 256): the seed's resolution-scaled schedule
+zsnr = True  # rescale to zero terminal SNR (Lin et al. Alg. 1)
+weighting = "sigmoid"  # sigmoid | kg_sigmoid | min_snr | none (math.md §4)
+k = 5.0  # sigmoid weighting offset: m(t) = sigmoid(k - logSNR_t)
+gamma = 5.0  # min_snr gamma
+# optimizer
+optimizer = "adamw8bit"  # adamw8bit (bitsandbytes) | adamw (torch, fused on CUDA) | adafactor (torch)
+lr = 7.5e-6  # peak learning rate; the seed's recipe needs < 1e-5
+min_lr = 7.5e-7  # floor of the cosine schedule
+lr_schedule = "constant"  # constant | cosine (after warmup)
+warmup_iters = 0  # linear warmup steps
+ramp_iters = 1000  # steps over which betas ramp and the cosine decays (a key of its own so a stopped and resumed run is the same run)
+beta1 = 0.9  # Adam beta1 at step 0
+beta2 = 0.95  # Adam beta2 at step 0
+beta1_final = 0.95  # beta1 after ramp_iters
+beta2_final = 0.99  # beta2 after ramp_iters
+weight_decay = 0.01  # decoupled, on >= 2-D weights only
+adam_eps = 1e-8  # Adam epsilon
+grad_clip = 1.0  # clip the global grad norm; 0 = off
+max_skips = 10  # this many non-finite steps in a row stop the run
+# system
+device = "cuda" if torch.cuda.is_available() else "cpu"  # cuda | cpu | cuda:N
+dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # compute dtype (autocast)
+precision = "amp"  # amp: fp32 master weights + autocast; bf16: pure bf16 weights (loses updates at lr<1e-5, math.md §7)
+compile = torch.cuda.is_available()  # torch.compile the UNet (the uncompiled module is what gets saved)
+grad_ckpt = False  # per-block gradient checkpointing (+33% FLOPs; for small-memory cards)
+seed = 1337  # base seed; each process adds its rank
+peak_tflops = 0.0  # device peak for MFU; 0 = look up the device table
+# logging
+log_interval = 10  # iterations per printed line
+eval_interval = 100  # iterations between held-out per-t-bin MSE evals (0 = off)
+sample_interval = 0  # iterations between preview grids (0 = off)
+sample_prompts = ("a photo of a cat", "a red circle on a blue background")  # preview prompts
+sample_steps = 25  # DDIM steps for previews (trailing spacing)
+guidance = 5.0  # CFG scale for previews
+cfg_phi = 0.7  # CFG rescale for previews (Lin et al. §3.4)
+wandb_log = False  # log to wandb (lazy import, master process only)
+wandb_project = "sdxl-vpred"  # wandb project
+wandb_run_name = "vpred"  # wandb run name
+fault_nan_at = -1  # for tests: make the loss NaN at this iteration to exercise the skip path
+# -----------------------------------------------------------------------------
+config = configurator.configure(globals())
+# -----------------------------------------------------------------------------
+
+# DDP, exactly as nanoGPT: torchrun sets RANK; each process owns one device and a share of each batch
+ddp = int(os.environ.get("RANK", -1)) != -1
+if ddp:
+    init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    ddp_rank, ddp_local_rank, ddp_world_size = (int(os.environ[v]) for v in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if device.startswith("cuda"):
+        device = f"cuda:{ddp_local_rank}"
+        torch.cuda.set_device(device)
+    master_process = ddp_rank == 0
+    assert grad_accum % ddp_world_size == 0, f"grad_accum {grad_accum} must divide by world size {ddp_world_size}"
+    grad_accum //= ddp_world_size
+else:
+    ddp_rank, ddp_local_rank, ddp_world_size, master_process = 0, 0, 1, True
+imgs_per_iter = batch_size * grad_accum * ddp_world_size
+device_type = "cuda" if device.startswith("cuda") else "cpu"
+ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+amp = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
+if device_type == "cuda":
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+torch.manual_seed(seed + ddp_rank)
+np.random.seed(seed + ddp_rank)
+if master_process:
+    os.makedirs(out_dir, exist_ok=True)
+    print(f"global batch {imgs_per_iter} = {batch_size} micro x {grad_accum} accum x {ddp_world_size} procs")
+
+# -----------------------------------------------------------------------------
+# the start checkpoint: the frozen VAE and text encoders always come from it, the UNet too unless resuming
+resume = init_from == "resume"
+ckpt = torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=False) if resume else None
+base = ckpt["base"] if resume else init_from  # what the run started from, even when resuming
+
+
+def fetch(spec):
+    """hf:REPO/FILE -> local path through huggingface_hub's cache; anything else is a local path."""
+    if not spec.startswith("hf:"):
+        return spec
+    from huggingface_hub import hf_hub_download
+    owner, name, filename = spec[3:].split("/", 2)
+    return hf_hub_download(f"{owner}/{name}", filename)
+
+
+def make_tiny_start(path):
+    """A tiny SDXL-topology checkpoint with random weights, saved in the real sgm layout (the demo's 'SDXL base')."""
+    sdxl = model.SDXL(model.SDXLConfig.tiny())
+    model.init_random_(sdxl, seed=0)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    model.save_checkpoint(sdxl, path, v_pred=False, ztsnr=False, metadata={"note": "tiny random start"})
+    print(f"wrote a tiny random SDXL-topology start checkpoint to {path}")
+
+
+if base == "random":  # SDXL-shaped random weights, for benchmarks: same weights in every process
+    sdxl = model.SDXL()
+    model.init_random_(sdxl, seed=seed)
+    sdxl.to(device)
+else:
+    path = fetch(base)
+    if tiny_size and not os.path.exists(path):
+        if master_process:
+            make_tiny_start(path)
+        if ddp:
+            torch.distributed.barrier()
+    sdxl = model.load_checkpoint(path, device=device, dtype=torch.float32)
+if resume:
+    sdxl.unet.load_state_dict(ckpt["unet"])
+sdxl.requires_grad_(False)
+unet = sdxl.unet
+unet.requires_grad_(True)
+unet.train()
+unet.grad_ckpt = grad_ckpt
+if precision == "bf16":
+    print("WARNING: pure bf16 weights round each update to nearest: at lr < 1e-5 most updates are lost (math.md §7)")
+    unet.to(torch.bfloat16)
+else:
+    assert precision == "amp", f"precision must be 'amp' or 'bf16', got {precision!r}"
+
+# -----------------------------------------------------------------------------
+# data: scan, hold out the eval items, cache latents and text embeddings once, then a resumable loader
+tok_dir = tokenizer
+if not dataset_dir:
+    sys.exit("set --dataset_dir (a folder of images with .txt captions, or a metadata.jsonl)")
+if make_synthetic and master_process and not os.path.isdir(dataset_dir):
+    data.make_synthetic_dataset(dataset_dir, n=make_synthetic, seed=0)
+if tiny_size and master_process and not os.path.exists(os.path.join(tokenizer, "vocab.json")) and not tokenizer.startswith("hf:"):
+    # the tiny demo's vocabulary is learned from its own captions, so it works offline
+    data.build_tiny_vocab(tokenizer, [it.caption for it in data.scan_dataset(dataset_dir, quiet=True)])
+if ddp:
+    torch.distributed.barrier()
+tok = data.load_tokenizer(tokenizer)
+buckets = data.make_buckets(area=resolution * resolution, step=bucket_step)
+items = data.scan_dataset(dataset_dir, buckets=buckets, seed=seed, crop=crop, flip=flip)
+assert len(items) > eval_items, f"need more than eval_items={eval_items} usable images, found {len(items)}"
+eval_set, train_set = items[:eval_items], items[eval_items:]
+cache = data.build_cache(items, sdxl, tok, cache_dir or os.path.join(out_dir, "cache"), device=device,
+                         rank=ddp_rank, world=ddp_world_size)
+loader = data.Loader(train_set, cache, batch_size=batch_size, rank=ddp_rank, world=ddp_world_size,
+                     seed=seed, caption_dropout=caption_dropout)
+if master_process:
+    data.print_bucket_histogram(train_set)
+
+# previews and evals need the text encoders and VAE only through cached outputs: move them off the GPU
+preview_text = None
+if sample_interval and master_process:
+    import sample_ablation
+    preview_text = sample_ablation.encode_prompts(sdxl, tok, list(sample_prompts), device)
+sdxl.te1.to("cpu"), sdxl.te2.to("cpu")
+
+# -----------------------------------------------------------------------------
+# schedule, optimizer, lr and betas
+
+abar = schedule.alphas_cumprod(beta_end, zsnr, beta_start).to(device)  # float64, cast at use
+T = len(abar)
+
+
+def get_lr(it):
+    """Linear warmup, then constant or cosine down to min_lr at ramp_iters (a pure function of it)."""
+    if it < warmup_iters:
+        return lr * (it + 1) / (warmup_iters + 1)
+    if lr_schedule == "constant":
+        return lr
+    ratio = min(1.0, (it - warmup_iters) / max(1, ramp_iters - warmup_iters))
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
+
+
+def get_betas(it):
+    """Adam betas ramped linearly (beta1, beta2) -> (beta1_final, beta2_final) over ramp_iters."""
+    r = min(1.0, it / max(1, ramp_iters))
+    return (beta1 + r * (beta1_final - beta1), beta2 + r * (beta2_final - beta2))
+
+
+def make_optimizer(params):
+    decay = [p for p in params if p.dim() >= 2]  # matmul/conv weights; norms and biases are not decayed
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+        return bnb.optim.AdamW8bit(groups, lr=lr, betas=get_betas(0), eps=adam_eps)
+    if optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=get_betas(0), eps=adam_eps, fused=device_type == "cuda")
+    if optimizer == "adafactor":
+        return torch.optim.Adafactor(groups, lr=lr)
+    raise ValueError(f"optimizer must be adamw8bit | adamw | adafactor, got {optimizer!r}")
+
+
+opt = make_optimizer([p for p in unet.parameters() if p.requires_grad])
+if resume:
+    opt.load_state_dict(ckpt["optimizer"])
+
+train_unet = unet
+if compile:
+    print("compiling the UNet (the first step takes minutes on SDXL)")
+    train_unet = torch.compile(unet)
+if ddp:
+    train_unet = DDP(train_unet, device_ids=[ddp_local_rank] if device_type == "cuda" else None)
+
+# -----------------------------------------------------------------------------
+# one loss evaluation: the whole recipe is these lines
+
+
+def forward_loss(batch, t, noise):
+    """mean_i m(t_i) * ||target_i - out_i||^2 / (C H W); returns (loss, per-sample unweighted MSE)."""
+    x0 = batch["latents"]
+    z = schedule.add_noise(x0, noise, t, abar)
+    target = schedule.v_target(x0, noise, t, abar) if prediction == "v" else noise
+    y = model.build_y(batch["pooled"], batch["time_ids"])
+    with amp:
+        out = train_unet(z, t, batch["context"], y)
+    mse = (out.float() - target).pow(2).mean(dim=(1, 2, 3))  # (B,)
+    w = schedule.loss_weight(t, abar, weighting, k, gamma)
+    return (w * mse).mean(), mse
+
+
+def to_device(batch):
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+EVAL_T = torch.tensor([b * 100 + o for b in range(10) for o in (0, 50, 99)])  # 3 fixed t per 100-wide bin, 999 included
+
+
+@torch.no_grad()
+def evaluate():
+    """Held-out target-MSE per t-bin on a fixed batch with fixed noise (math.md §6's uptrain-progress curve)."""
+    unet.eval()
+    g = torch.Generator().manual_seed(0)
+    batch = to_device(data.collate(eval_set, cache, dropout=None))
+    n = batch["latents"].shape[0]
+    bins = []
+    for b in range(10):
+        errs = []
+        for t_val in EVAL_T[b * 3:(b + 1) * 3].tolist():
+            noise = torch.randn(batch["latents"].shape, generator=g).to(device)
+            t = torch.full((n,), t_val, dtype=torch.long, device=device)
+            x0 = batch["latents"]
+            z = schedule.add_noise(x0, noise, t, abar)
+            target = schedule.v_target(x0, noise, t, abar) if prediction == "v" else noise
+            with amp:
+                out = unet(z, t, batch["context"], model.build_y(batch["pooled"], batch["time_ids"]))
+            errs.append((out.float() - target).pow(2).mean().item())
+        bins.append(sum(errs) / len(errs))
+    unet.train()
+    return bins
+
+
+def preview(it):
+    import sample_ablation
+    context, pooled = preview_text
+    n = len(sample_prompts)
+    h = w = resolution
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(n, 4, h // 8, w // 8, generator=g).to(device)
+    unet.eval()
+    imgs = sample_ablation.generate(sdxl, context, pooled, noise, abar, sample_steps, prediction, guidance,
+                                    cfg_phi, h, w)
+    unet.train()
+    os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
+    sample_ablation.save_grid(imgs, 1, n, os.path.join(out_dir, "samples", f"iter_{it:06d}.png"))
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: everything a bit-exact resume needs, per-rank RNG and loader state included
+
+
+def atomic_torch_save(obj, path):
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state():
+    s = {"python": __import__("random").getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if device_type == "cuda":
+        s["cuda"] = torch.cuda.get_rng_state(device)
+    return s
+
+
+def set_rng_state(s):
+    __import__("random").setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if device_type == "cuda" and "cuda" in s:
+        torch.cuda.set_rng_state(s["cuda"], device)
+
+
+def gather(obj):
+    """Every rank's object on every rank (a list by rank); no-op list outside DDP."""
+    if not ddp:
+        return [obj]
+    out = [None] * ddp_world_size
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def save_ckpt(it):
+    per_rank = gather({"rng": rng_state(), "loader": loader.state_dict()})
+    if master_process:
+        atomic_torch_save({"unet": unet.state_dict(), "optimizer": opt.state_dict(), "iter_num": it,
+                           "base": base, "per_rank": per_rank, "skipped": skipped, "config": config,
+                           "tokenizer": tokenizer}, os.path.join(out_dir, "ckpt.pt"))
+        print(f"saved {out_dir}/ckpt.pt at iter {it}")
+
+
+def export():
+    """DIR/model.safetensors (sgm layout, markers, metadata) and DIR/diffusers/ (configs for from_single_file)."""
+    recipe = {k: config[k] for k in ("prediction", "beta_start", "beta_end", "zsnr", "weighting", "k", "optimizer",
+                                     "lr", "beta1", "beta2", "beta1_final", "beta2_final", "max_iters", "batch_size")}
+    recipe.update(base=base, global_batch=imgs_per_iter)
+    meta = {"modelspec.title": f"SDXL {prediction}-pred uptrain", "modelspec.date": time.strftime("%Y-%m-%d"),
+            "noise_schedule": json.dumps({"beta_start": beta_start, "beta_end": beta_end, "beta_schedule":
+                                          "scaled_linear", "zsnr": zsnr, "timestep_spacing": "trailing",
+                                          "num_train_timesteps": T}),
+            "training_config": json.dumps(recipe)}
+    sdxl.te1.to(device), sdxl.te2.to(device)
+    path = os.path.join(out_dir, "model.safetensors")
+    dt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[export_dtype]
+    model.save_checkpoint(sdxl, path, v_pred=prediction == "v", ztsnr=zsnr, metadata=meta, dtype=dt)
+    tok_dirs = data.tokenizer_dirs(tokenizer)
+    model.write_diffusers_config(sdxl.cfg, os.path.join(out_dir, "diffusers"), beta_end=beta_end, zsnr=zsnr,
+                                 prediction=prediction, tokenizer_dirs=tok_dirs, beta_start=beta_start)
+    print(f"exported {path} and {out_dir}/diffusers/")
+
+
+iter_num, skipped = 0, 0
+if resume:
+    iter_num, skipped = ckpt["iter_num"], ckpt["skipped"]
+    mine = ckpt["per_rank"][ddp_rank]
+    loader.load_state_dict(mine["loader"])
+    set_rng_state(mine["rng"])
+    print(f"resumed from {out_dir}/ckpt.pt at iter {iter_num}")
+    del ckpt
+
+# SIGINT/SIGTERM: finish the current step, write ckpt.pt, exit
+stop_signal = None
+
+
+def on_signal(signum, frame):
+    global stop_signal
+    stop_signal = signum
+    print(f"got signal {signum}: writing a checkpoint after this step")
+
+
+signal.signal(signal.SIGINT, on_signal)
+signal.signal(signal.SIGTERM, on_signal)
+
+# -----------------------------------------------------------------------------
+# logging helpers: run.json, FLOPs for MFU, the per-line stats
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0,
+               "A6000": 155.0, "L4": 121.0, "B200": 2250.0}
+peak = peak_tflops
+if not peak and device_type == "cuda":
+    name = torch.cuda.get_device_name(device)
+    peak = next((v for key, v in PEAK_TFLOPS.items() if key in name), 0.0)
+flops_cache = {}
+
+
+def flops_per_image(h, w):
+    """Model FLOPs of one forward+backward per image at latent size (h, w), counted once on the meta device."""
+    if (h, w) not in flops_cache:
+        from torch.utils.flop_counter import FlopCounterMode
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):  # RNG-neutral, so resume stays exact
+            m = model.UNet(sdxl.cfg.unet)
+            x = torch.randn(1, sdxl.cfg.unet.in_channels, h, w)
+            ctx = torch.randn(1, 77, sdxl.cfg.unet.context_dim)
+            yy = torch.randn(1, sdxl.cfg.unet.adm_in_channels)
+            t = torch.zeros(1, dtype=torch.long)
+            with FlopCounterMode(display=False) as fc:
+                m(x, t, ctx, yy).sum().backward()
+        flops_cache[(h, w)] = fc.get_total_flops()
+    return flops_cache[(h, w)]
+
+
+if master_process:
+    def git_sha():
+        try:
+            return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                                           stderr=subprocess.DEVNULL, text=True).strip()
+        except Exception:
+            return "unknown"
+    run_info = {"git_sha": git_sha(), "argv": sys.argv, "python": platform.python_version(), "torch": torch.__version__,
+                "device": torch.cuda.get_device_name(device) if device_type == "cuda" else platform.processor() or "cpu",
+                "world_size": ddp_world_size, "config": config}
+    with open(os.path.join(out_dir, "run.json.tmp"), "w") as f:
+        json.dump(run_info, f, indent=1, default=str)
+    os.replace(os.path.join(out_dir, "run.json.tmp"), os.path.join(out_dir, "run.json"))
+    if wandb_log:
+        import wandb
+        wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+
+# -----------------------------------------------------------------------------
+# the training loop
+
+t0 = time.time()
+log = {"loss": 0.0, "n": 0, "bins": torch.zeros(10), "bin_n": torch.zeros(10), "imgs": 0, "flops": 0.0}
+consecutive = 0
+while iter_num < max_iters:
+    lr_now, betas_now = get_lr(iter_num), get_betas(iter_num)
+    for group in opt.param_groups:
+        group["lr"] = lr_now
+        if "betas" in group:
+            group["betas"] = betas_now
+
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(grad_accum):
+        batch = to_device(loader.next_batch())
+        b = batch["latents"].shape[0]
+        t = torch.randint(0, T, (b,)).to(device)
+        noise = torch.randn(batch["latents"].shape).to(device)
+        if ddp:  # only sync gradients on the last micro-step
+            train_unet.require_backward_grad_sync = micro == grad_accum - 1
+        loss, mse = forward_loss(batch, t, noise)
+        if iter_num == fault_nan_at:
+            loss = loss * float("nan")
+        (loss / grad_accum).backward()
+        loss_sum += loss.detach() / grad_accum
+        tb = (t // (T // 10)).clamp(max=9).cpu()
+        log["bins"].index_add_(0, tb, mse.detach().float().cpu())
+        log["bin_n"].index_add_(0, tb, torch.ones(b))
+        log["imgs"] += b * ddp_world_size
+        log["flops"] += b * ddp_world_size * flops_per_image(*batch["latents"].shape[-2:])
+
+    # a non-finite loss or gradient skips the step: weights and optimizer state untouched
+    gnorm = torch.nn.utils.clip_grad_norm_(unet.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    ok = torch.isfinite(gnorm) & torch.isfinite(loss_sum)
+    if ddp:  # every process takes the same decision
+        ok = ok.float()
+        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+        ok = ok.bool()
+    if bool(ok):
+        opt.step()
+        consecutive = 0
+    else:
+        skipped += 1
+        consecutive += 1
+        print(f"iter {iter_num}: non-finite loss/grad (loss {loss_sum.item():.4g}, grad norm {gnorm.item():.4g}), step skipped")
+    opt.zero_grad(set_to_none=True)
+    iter_num += 1
+    log["loss"] += loss_sum.item() if bool(ok) else 0.0
+    log["n"] += int(bool(ok))
+
+    if consecutive >= max_skips:
+        save_ckpt(iter_num)
+        sys.exit(f"stopping: {consecutive} non-finite steps in a row (lower lr? check the data); ckpt.pt written")
+
+    if iter_num % log_interval == 0 and master_process:
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.time() - t0
+        ips = log["imgs"] / dt
+        mfu = f"{100 * log['flops'] / dt / (peak * 1e12):.1f}%" if peak else "-"
+        mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}GiB" if device_type == "cuda" else "-"
+        eta = (max_iters - iter_num) * dt / log_interval
+        bins = (log["bins"] / log["bin_n"].clamp(min=1)).tolist()
+        print(f"iter {iter_num}: loss {log['loss'] / max(1, log['n']):.5f}, lr {lr_now:.3g}, betas ({betas_now[0]:.4f}, "
+              f"{betas_now[1]:.4f}), gnorm {gnorm.item():.3g}, {ips:.2f} img/s, {1000 * dt / log_interval:.0f} ms/it, "
+              f"mfu {mfu}, mem {mem}, skipped {skipped}, eta {eta / 60:.1f} min")
+        print("  t-bin mse " + " ".join(f"{v:.4f}" for v in bins))
+        if wandb_log:
+            wandb.log({"iter": iter_num, "loss": log["loss"] / max(1, log["n"]), "lr": lr_now, "img_s": ips,
+                       **{f"mse_bin{i}": v for i, v in enumerate(bins)}})
+        log = {"loss": 0.0, "n": 0, "bins": torch.zeros(10), "bin_n": torch.zeros(10), "imgs": 0, "flops": 0.0}
+        t0 = time.time()
+
+    if eval_interval and (iter_num % eval_interval == 0 or iter_num == max_iters) and master_process:
+        bins = evaluate()
+        print(f"eval iter {iter_num}: held-out {prediction}-mse per t-bin " + " ".join(f"{v:.4f}" for v in bins))
+        with open(os.path.join(out_dir, "eval.jsonl"), "a") as f:
+            f.write(json.dumps({"iter": iter_num, "target": prediction, "mse_bins": bins}) + "\n")
+        t0 = time.time()
+    if sample_interval and iter_num % sample_interval == 0 and master_process:
+        preview(iter_num)
+        t0 = time.time()
+    if (ckpt_interval and iter_num % ckpt_interval == 0) or iter_num == max_iters or stop_signal:
+        save_ckpt(iter_num)
+    if stop_signal:
+        break
+
+if master_process and not stop_signal:
+    export()
+if ddp:
+    destroy_process_group()
