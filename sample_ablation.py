@@ -1,4 +1,376 @@
 """
-The four-panel sampling ablation of math.md §5 (issue 6): one grid, rows = prompts, columns = the panels
-(training schedule + zsnr read as v; 0.024 read as v; 0.012 read as v; 0.012 read as eps). Not written yet.
+The sampling ablation of math.md §5: one labelled grid, rows = prompts (x seeds), columns = panels, each panel a
+sampler schedule plus a reading of the model's output. The default four panels are the seed's:
+  1. training schedule (beta_end 0.024) + zero terminal SNR, output read as v
+  2. 0.024 without zsnr, read as v
+  3. pretrain schedule 0.012, read as v
+  4. 0.012, read as eps (what an epsilon model expects)
+Every panel of a row starts from the same noise (a per-seed generator), so columns differ only by the panel.
+DDIM (eta=0) on trailing timesteps, CFG with rescale in the model's output space (Lin et al. 2023, arXiv
+2305.08891 §3.3-3.4); the unconditional branch is zeroed context and pooled with the size embeddings kept.
+Text encoders and VAE come from the same single-file checkpoint.
+
+Next to the pictures, a quantitative ablation (--quant=True): on a fixed held-out set of latents, per t-bin (10 bins
+of 100) the MSE of the model's output against the v target and the eps target (training schedule), and the x0
+reconstruction error under each panel's schedule and reading. A v-uptrained model has low v-error at high t where
+the eps reading fails; an eps model the reverse (math.md §6). Printed as a table and saved in the JSON.
+
+Launch:
+    python sample_ablation.py --ckpt=out/tiny/model.safetensors --out=out/tiny/ablation.png --steps=4   # CPU, tiny
+    python sample_ablation.py --ckpt=out/vpred/model.safetensors --out=ablation.png                     # 1 GPU, SDXL
+    python sample_ablation.py --ckpt=hf:stabilityai/stable-diffusion-xl-base-1.0/sd_xl_base_1.0.safetensors \\
+        --out=base.png --panels="[(0.012, False, 'eps', 'SDXL base'), (0.012, False, 'v')]"               # other ablations
+    python sample_ablation.py --help                                                                    # every key
+Writes FILE.png and FILE.json (the exact settings, the checkpoint's markers, the quant table).
 """
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from contextlib import nullcontext
+
+import torch
+
+import configurator
+import data
+import model
+import schedule
+
+# -----------------------------------------------------------------------------
+ckpt = ""  # single-file sgm checkpoint: local .safetensors or hf:REPO/FILE
+out = "ablation.png"  # grid PNG; the JSON with the exact settings goes beside it (same stem)
+tokenizer = ""  # vocab.json + merges.txt folder (or one with tokenizer/ inside) or hf:REPO; '' = <ckpt dir>/diffusers if train.py exported it there, else hf:stabilityai/stable-diffusion-xl-base-1.0
+prompts = ""  # file with one prompt per line, or 'p1|p2|...'; '' = the built-in prompts
+seeds = [0]  # rows = prompts x seeds; every panel of a row starts from the same noise
+panels = [(0.024, True, "v"), (0.024, False, "v"), (0.012, False, "v"), (0.012, False, "eps")]  # columns: (beta_end, zsnr, prediction v|eps[, label]); default = math.md §5's four
+steps = 25  # DDIM steps, trailing spacing: the first step is t=999
+guidance = 5.0  # CFG scale; 1.0 = no unconditional branch
+phi = 0.7  # CFG rescale (Lin et al. §3.4); 0 = plain CFG
+height = 0  # image height in pixels; 0 = 1024 for an SDXL-sized UNet, 128 for a tiny one
+width = 0  # image width in pixels; 0 = as height
+batch_size = 4  # rows per UNet call (x2 with CFG)
+device = ""  # '' = cuda if available, else cpu
+dtype = ""  # autocast dtype: '' = bfloat16 on cuda, float32 on cpu (weights are loaded in float32)
+quant = True  # also the per-t-bin error table on held-out latents
+dataset_dir = ""  # held-out images (+ .txt captions) for the table, the first quant_n by path (= train.py's eval_items); '' = synthetic shapes
+quant_n = 8  # held-out images
+quant_seed = 1234  # noise of the table and seed of the synthetic images (train.py's synthetic set uses 0)
+train_beta_end = 0.024  # the model's training schedule, for the v / eps targets of the table
+train_zsnr = True  # training schedule rescaled to zero terminal SNR
+# -----------------------------------------------------------------------------
+_PROMPTS = ("a photo of a cat sitting on a windowsill, soft morning light",
+            "a large red circle on a blue background, center",
+            "a watercolor painting of a lighthouse on a cliff at dusk",
+            "a black square on a white background, top left")
+_NBINS = 10  # t-bins of the table: 10 bins of 100 steps
+
+
+def panel_list(specs):
+    """(beta_end, zsnr, prediction[, label]) tuples -> dicts with label, schedule and the sampler's abar."""
+    out = []
+    for spec in specs:
+        beta_end, zsnr, pred = float(spec[0]), bool(spec[1]), str(spec[2])
+        assert pred in ("v", "eps"), f"panel {spec!r}: prediction must be 'v' or 'eps'"
+        label = spec[3] if len(spec) > 3 else f"{beta_end:g}{' + zsnr' if zsnr else ''}, as {pred}"
+        out.append({"label": label, "beta_end": beta_end, "zsnr": zsnr, "prediction": pred,
+                    "abar": schedule.alphas_cumprod(beta_end, zsnr)})
+    return out
+
+
+def check_sampling(panel_dicts):
+    """Fail before sampling: an eps reading on a zero-SNR schedule divides by alpha = 0 at t=999 (math.md §3)."""
+    for p in panel_dicts:
+        if p["prediction"] == "eps" and p["zsnr"]:
+            raise ValueError(f"panel {p['label']!r}: an eps reading on a zero-terminal-SNR schedule is undefined at "
+                             f"t=999 (x0 = (z - sigma eps) / alpha, alpha = 0); use prediction 'v' or zsnr False")
+
+
+def initial_noise(seeds, shape):
+    """One CPU generator per seed -> (len(seeds), *shape) float32: same seed, same noise, on any device."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+def encode_prompts(sdxl, tok, prompts, device):
+    """Prompts -> (context (B, 77, ctx), pooled (B, P)) on device, fp32; te1 pads with EOS, te2 with 0 (SDXL)."""
+    t1, t2 = data.tokenize(tok, list(prompts))
+    context, pooled = data.encode_captions(sdxl.encode_text, t1, t2, device)
+    return context.to(device), pooled.to(device)
+
+
+def _amp(device, amp_dtype):
+    dev = torch.device(device).type
+    if amp_dtype is None:
+        amp_dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    return nullcontext() if amp_dtype == torch.float32 else torch.autocast(dev, dtype=amp_dtype)
+
+
+@torch.no_grad()
+def generate(sdxl, context, pooled, noise, abar, steps, prediction="v", guidance=5.0, phi=0.7, height=None,
+             width=None, amp_dtype=None):
+    """DDIM from `noise` (B, 4, h, w) with schedule.sample, then the VAE -> images (B, 3, H, W) in [-1, 1], fp32.
+    height/width (pixels) go into the size embeddings as (H, W), crop (0, 0), target (H, W)."""
+    f = 2 ** (len(sdxl.cfg.vae.ch_mult) - 1)
+    H, W = height or noise.shape[-2] * f, width or noise.shape[-1] * f
+    dev = noise.device
+    time_ids = torch.tensor([[H, W, 0, 0, H, W]], dtype=torch.float32, device=dev).expand(noise.shape[0], 6)
+    context, pooled = context.to(dev), pooled.to(dev)
+    y = model.build_y(pooled, time_ids)
+    amp = _amp(dev, amp_dtype)
+    if guidance != 1.0:  # one call for both branches: (cond, uncond = zeroed text, same size embeddings)
+        context2 = torch.cat([context, torch.zeros_like(context)])
+        y2 = torch.cat([y, model.build_y(torch.zeros_like(pooled), time_ids)])
+
+    def model_fn(z, t):
+        with amp:
+            if guidance == 1.0:
+                return sdxl.unet(z, t, context, y).float()
+            return sdxl.unet(torch.cat([z, z]), torch.cat([t, t]), context2, y2).float().chunk(2)
+
+    z0 = schedule.sample(model_fn, noise, abar, steps, prediction, guidance, phi)
+    with amp:  # one image at a time: the SDXL decoder at 1024^2 is memory-hungry
+        imgs = [sdxl.vae.decode(z[None] / model.VAE_SCALE).float() for z in z0]
+    return torch.cat(imgs).clamp(-1, 1)
+
+
+def render(sdxl, context, pooled, noise, panel_dicts, steps, guidance, phi, height, width, batch_size=4,
+           amp_dtype=None):
+    """Every panel on every row, from the SAME noise per row -> (R * C, 3, H, W), row-major (row r, panel c)."""
+    R, C = noise.shape[0], len(panel_dicts)
+    out = [[None] * C for _ in range(R)]
+    for c, p in enumerate(panel_dicts):
+        for i in range(0, R, batch_size):
+            j = min(R, i + batch_size)
+            t0 = time.time()
+            imgs = generate(sdxl, context[i:j], pooled[i:j], noise[i:j], p["abar"], steps, p["prediction"],
+                            guidance, phi, height, width, amp_dtype).cpu()
+            for r in range(i, j):
+                out[r][c] = imgs[r - i]
+            print(f"panel {c + 1}/{C} '{p['label']}': rows {i}-{j - 1} in {time.time() - t0:.1f}s")
+    return torch.stack([im for row in out for im in row])
+
+
+def _wrap(draw, text, font, width_px, max_lines):
+    lines = []
+    for para in str(text).split("\n"):
+        line = ""
+        for word in para.split():
+            cand = f"{line} {word}".strip()
+            if line and draw.textlength(cand, font=font) > width_px:
+                lines.append(line)
+                line = word
+            else:
+                line = cand
+        lines.append(line)
+    return lines[:max_lines]
+
+
+def save_grid(images, rows, cols, path, row_labels=None, col_labels=None):
+    """images (rows * cols, 3, H, W) in [-1, 1], row-major -> one PNG with optional labels; atomic write."""
+    from PIL import Image, ImageDraw, ImageFont
+    images = images.detach().float().cpu()
+    assert images.shape[0] == rows * cols, f"{images.shape[0]} images for a {rows}x{cols} grid"
+    H, W = images.shape[-2:]
+    try:
+        font = ImageFont.load_default(size=max(10, W // 24))
+    except TypeError:  # Pillow < 10.1: bitmap font, no size
+        font = ImageFont.load_default()
+    line_h = font.getbbox("Hg")[3] + 2
+    left = max(120, W // 2) if row_labels else 0
+    top = 3 * line_h + 6 if col_labels else 0
+    grid = Image.new("RGB", (left + cols * W, top + rows * H), "white")
+    draw = ImageDraw.Draw(grid)
+    pix = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (N, H, W, 3)
+    for k in range(rows * cols):
+        r, c = divmod(k, cols)
+        grid.paste(Image.fromarray(pix[k]), (left + c * W, top + r * H))
+    for c, label in enumerate(col_labels or []):
+        for n, line in enumerate(_wrap(draw, label, font, W - 6, 3)):
+            draw.text((left + c * W + 3, 3 + n * line_h), line, fill="black", font=font)
+    for r, label in enumerate(row_labels or []):
+        for n, line in enumerate(_wrap(draw, label, font, left - 6, max(1, H // line_h))):
+            draw.text((3, top + r * H + 3 + n * line_h), line, fill="black", font=font)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    grid.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return grid
+
+
+# -----------------------------------------------------------------------------
+# the quantitative ablation
+
+def bin_timesteps(n, b, nbins=_NBINS, T=1000):
+    """n fixed timesteps spread over bin b = [b T/nbins, (b+1) T/nbins), its last step first (t=999 in the last bin)."""
+    w = T // nbins
+    return torch.tensor([b * w + w - 1 - (i * w) // max(n, 1) % w for i in range(n)], dtype=torch.long)
+
+
+def read_x0(out, z, t, abar, prediction):
+    """x0_hat of a model output under a reading (schedule.ddim_step's final step); NaN where eps meets alpha = 0."""
+    if prediction == "eps" and bool((abar.to(t.device)[t] == 0).any()):
+        return torch.full_like(z, math.nan)
+    return schedule.ddim_step(out, t, -1, z, abar, prediction)[1]
+
+
+@torch.no_grad()
+def quant_ablation(model_fn, x0, noise, panel_dicts, train_abar, nbins=_NBINS):
+    """Per t-bin: MSE of model_fn's output vs the v and eps targets (z on the training schedule), and the x0
+    reconstruction MSE under each panel (z on the panel's schedule, output read the panel's way).
+    model_fn(z, t) -> output like z. Returns lists of nbins floats (NaN = undefined)."""
+    T = len(train_abar)
+    res = {"bins": [[b * T // nbins, (b + 1) * T // nbins - 1] for b in range(nbins)], "mse_v": [], "mse_eps": [],
+           "recon": {p["label"]: [] for p in panel_dicts}, "n": int(x0.shape[0])}
+    mse = lambda a, b: (a.double() - b.double()).pow(2).mean().item()
+    for b in range(nbins):
+        t = bin_timesteps(x0.shape[0], b, nbins, T).to(x0.device)
+        outs = []  # the output depends on the schedule only, not on the reading: one call per schedule
+
+        def output(abar):
+            for a, z, o in outs:
+                if torch.equal(a, abar):
+                    return z, o
+            z = schedule.add_noise(x0, noise, t, abar)
+            outs.append((abar, z, model_fn(z, t).to(x0.dtype)))
+            return outs[-1][1:]
+
+        _, o = output(train_abar)
+        res["mse_v"].append(mse(o, schedule.v_target(x0, noise, t, train_abar)))
+        res["mse_eps"].append(mse(o, noise))
+        for p in panel_dicts:
+            z, o = output(p["abar"])
+            res["recon"][p["label"]].append(mse(read_x0(o, z, t, p["abar"], p["prediction"]), x0))
+    return res
+
+
+def format_table(res):
+    fmt = lambda v: "-" if math.isnan(v) else f"{v:.4f}"
+    labels = list(res["recon"])
+    head = ["t", "mse vs v", "mse vs eps"] + [f"x0 err: {l}" for l in labels]
+    rows = [[f"{lo}-{hi}", fmt(res["mse_v"][b]), fmt(res["mse_eps"][b])] + [fmt(res["recon"][l][b]) for l in labels]
+            for b, (lo, hi) in enumerate(res["bins"])]
+    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [head] + rows)
+
+
+def held_out(sdxl, tok, folder, n, H, W, seed, device):
+    """(latents x0 = VAE mean * scale, context, pooled, time_ids) of the first n images of folder at H x W, or of
+    n synthetic shapes (seed != train.py's 0, so not its training images) when folder is ''."""
+    tmp = None
+    if not folder:
+        folder = tmp = tempfile.mkdtemp(prefix="quant_shapes_")
+        data.make_synthetic_dataset(folder, n=n, seed=seed)  # data.py's sizes, resized to H x W like training
+    try:
+        items = data.scan_dataset(folder, buckets=[(H, W)], seed=seed, min_pixels=0)[:n]
+        assert items, f"no images in {folder}"
+        mean = torch.cat([data.encode_images(sdxl.vae, items[i:i + 4], device) for i in range(0, len(items), 4)])
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    context, pooled = encode_prompts(sdxl, tok, [it.caption for it in items], device)
+    time_ids = torch.tensor([[*it.orig_hw, *it.crop_tl, *it.bucket] for it in items], dtype=torch.float32)
+    return mean.to(device) * model.VAE_SCALE, context, pooled, time_ids.to(device)
+
+
+def unet_fn(sdxl, context, pooled, time_ids, batch_size=4, amp_dtype=None):
+    """model_fn(z, t) for the table: the conditional UNet output, in chunks of batch_size."""
+    y = model.build_y(pooled, time_ids)
+    amp = _amp(context.device, amp_dtype)
+
+    def fn(z, t):
+        with amp:
+            return torch.cat([sdxl.unet(z[i:i + batch_size], t[i:i + batch_size], context[i:i + batch_size],
+                                        y[i:i + batch_size]).float() for i in range(0, z.shape[0], batch_size)])
+    return fn
+
+
+# -----------------------------------------------------------------------------
+
+def fetch(spec):
+    """hf:OWNER/NAME/FILE -> local path through huggingface_hub's cache (lazy import); else a local path."""
+    if not spec.startswith("hf:"):
+        return spec
+    from huggingface_hub import hf_hub_download
+    owner, name, filename = spec[3:].split("/", 2)
+    return hf_hub_download(f"{owner}/{name}", filename)
+
+
+def read_prompts(spec):
+    if not spec:
+        return list(_PROMPTS)
+    if os.path.isfile(spec):
+        with open(spec, encoding="utf-8") as f:
+            return [line.strip() for line in f if line.strip()]
+    assert not spec.endswith(".txt"), f"prompt file {spec} not found"
+    return [p.strip() for p in spec.split("|") if p.strip()]
+
+
+def write_json(obj, path):
+    clean = lambda v: None if isinstance(v, float) and math.isnan(v) else v  # strict JSON: NaN -> null
+    walk = lambda o: {k: walk(v) for k, v in o.items()} if isinstance(o, dict) else \
+        [walk(v) for v in o] if isinstance(o, (list, tuple)) else clean(o)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(walk(obj), f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+def main():
+    config = configurator.configure(globals())
+    assert ckpt, "set --ckpt=PATH.safetensors or --ckpt=hf:REPO/FILE"
+    t_start = time.time()
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    amp_dtype = getattr(torch, dtype) if dtype else None
+    pds = panel_list(panels)
+    check_sampling(pds)  # before anything slow
+    plist = read_prompts(prompts)
+    path = fetch(ckpt)
+    sdxl = model.load_checkpoint(path, device=dev, dtype=torch.float32).eval()
+    tok_spec = tokenizer
+    if not tok_spec:
+        exported = os.path.join(os.path.dirname(os.path.abspath(path)), "diffusers")
+        has = os.path.isfile(os.path.join(exported, "tokenizer", "vocab.json"))
+        tok_spec = exported if has else "hf:stabilityai/stable-diffusion-xl-base-1.0"
+    tok = data.load_tokenizer(tok_spec)
+    tiny = sdxl.cfg.unet.model_channels < 320
+    H = height or (128 if tiny else 1024)
+    W = width or H
+    f = 2 ** (len(sdxl.cfg.vae.ch_mult) - 1)
+    m = f * 2 ** (len(sdxl.cfg.unet.channel_mult) - 1)
+    assert H % m == 0 and W % m == 0, f"height and width must be multiples of {m} for this model, got {H}x{W}"
+    rows = [(p, s) for p in plist for s in seeds]
+    print(f"{path}: v_pred marker {sdxl.v_pred}, ztsnr marker {sdxl.ztsnr}; {len(rows)} rows x {len(pds)} panels, "
+          f"{H}x{W}, {steps} steps, guidance {guidance}, phi {phi}, on {dev}")
+    noise = initial_noise([s for _, s in rows], (sdxl.cfg.unet.in_channels, H // f, W // f)).to(dev)
+    context, pooled = encode_prompts(sdxl, tok, [p for p, _ in rows], dev)
+    images = render(sdxl, context, pooled, noise, pds, steps, guidance, phi, H, W, batch_size, amp_dtype)
+    row_labels = [f"{p} (seed {s})" for p, s in rows]
+    save_grid(images, len(rows), len(pds), out, row_labels, [p["label"] for p in pds])
+    print(f"wrote {out}")
+    meta = sdxl.metadata
+    result = {"config": config, "ckpt_path": path, "tokenizer": tok_spec, "device": dev, "height": H, "width": W,
+              "rows": [{"prompt": p, "seed": s} for p, s in rows], "torch": torch.__version__,
+              "timesteps": schedule.trailing_timesteps(steps).tolist(),
+              "panels": [{k: v for k, v in p.items() if k != "abar"} for p in pds],
+              "ckpt_markers": {"v_pred": sdxl.v_pred, "ztsnr": sdxl.ztsnr,
+                               "prediction_type": meta.get("modelspec.prediction_type"),
+                               "noise_schedule": meta.get("noise_schedule")}}
+    if quant:
+        x0, qctx, qpool, qids = held_out(sdxl, tok, dataset_dir, quant_n, H, W, quant_seed, dev)
+        qnoise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(quant_seed)).to(dev)
+        train_abar = schedule.alphas_cumprod(train_beta_end, train_zsnr)
+        res = quant_ablation(unet_fn(sdxl, qctx, qpool, qids, batch_size, amp_dtype), x0, qnoise, pds, train_abar)
+        res["train_schedule"] = {"beta_end": train_beta_end, "zsnr": train_zsnr}
+        res["dataset"] = dataset_dir or f"synthetic shapes, seed {quant_seed}"
+        print(f"per-t-bin error on {x0.shape[0]} held-out latents ({res['dataset']}; '-' = undefined):")
+        print(format_table(res))
+        result["quant"] = res
+    result["seconds"] = round(time.time() - t_start, 2)
+    jpath = os.path.splitext(out)[0] + ".json"
+    write_json(result, jpath)
+    print(f"wrote {jpath}")
+
+
+if __name__ == "__main__":
+    main()

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import platform
+import random
 import signal
 import subprocess
 import sys
@@ -45,7 +46,8 @@ export_dtype = "fp16"  # dtype of the exported model.safetensors: fp16 | bf16 | 
 # data
 dataset_dir = ""  # images + same-stem .txt captions, or metadata.jsonl (file_name, text)
 cache_dir = ""  # latents/text-embedding cache; '' -> out_dir/cache (never beside the images)
-make_synthetic = 0  # >0: dataset_dir missing -> write this many synthetic captioned images there
+make_synthetic = 0  # >0: dataset_dir missing -> write this many synthetic captioned images there (and a vocabulary learned from their captions if `tokenizer` is a missing folder)
+synthetic_sizes = ((1024, 1024), (832, 1216), (1216, 832))  # (h, w) of the synthetic images
 resolution = 1024  # bucket area = resolution^2
 bucket_step = 64  # bucket sides are multiples of this
 crop = "center"  # center | random (random is drawn once per image, so the cache stays valid)
@@ -122,8 +124,6 @@ amp = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=
 if device_type == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-torch.manual_seed(seed + ddp_rank)
-np.random.seed(seed + ddp_rank)
 if master_process:
     os.makedirs(out_dir, exist_ok=True)
     print(f"global batch {imgs_per_iter} = {batch_size} micro x {grad_accum} accum x {ddp_world_size} procs")
@@ -180,13 +180,12 @@ else:
 
 # -----------------------------------------------------------------------------
 # data: scan, hold out the eval items, cache latents and text embeddings once, then a resumable loader
-tok_dir = tokenizer
 if not dataset_dir:
     sys.exit("set --dataset_dir (a folder of images with .txt captions, or a metadata.jsonl)")
 if make_synthetic and master_process and not os.path.isdir(dataset_dir):
-    data.make_synthetic_dataset(dataset_dir, n=make_synthetic, seed=0)
-if tiny_size and master_process and not os.path.exists(os.path.join(tokenizer, "vocab.json")) and not tokenizer.startswith("hf:"):
-    # the tiny demo's vocabulary is learned from its own captions, so it works offline
+    data.make_synthetic_dataset(dataset_dir, n=make_synthetic, seed=0, sizes=synthetic_sizes)
+if make_synthetic and master_process and not tokenizer.startswith("hf:") and not os.path.exists(os.path.join(tokenizer, "vocab.json")):
+    # the synthetic demo's vocabulary is learned from its own captions, so it works offline
     data.build_tiny_vocab(tokenizer, [it.caption for it in data.scan_dataset(dataset_dir, quiet=True)])
 if ddp:
     torch.distributed.barrier()
@@ -198,9 +197,7 @@ eval_set, train_set = items[:eval_items], items[eval_items:]
 cache = data.build_cache(items, sdxl, tok, cache_dir or os.path.join(out_dir, "cache"), device=device,
                          rank=ddp_rank, world=ddp_world_size)
 loader = data.Loader(train_set, cache, batch_size=batch_size, rank=ddp_rank, world=ddp_world_size,
-                     seed=seed, caption_dropout=caption_dropout)
-if master_process:
-    data.print_bucket_histogram(train_set)
+                     seed=seed, caption_dropout=caption_dropout)  # rank 0 prints the bucket histogram
 
 # previews and evals need the text encoders and VAE only through cached outputs: move them off the GPU
 preview_text = None
@@ -283,26 +280,26 @@ EVAL_T = torch.tensor([b * 100 + o for b in range(10) for o in (0, 50, 99)])  # 
 
 @torch.no_grad()
 def evaluate():
-    """Held-out target-MSE per t-bin on a fixed batch with fixed noise (math.md §6's uptrain-progress curve)."""
+    """Held-out target-MSE per t-bin on fixed items with fixed noise (math.md §6's uptrain-progress curve)."""
     unet.eval()
     g = torch.Generator().manual_seed(0)
-    batch = to_device(data.collate(eval_set, cache, dropout=None))
-    n = batch["latents"].shape[0]
-    bins = []
-    for b in range(10):
-        errs = []
-        for t_val in EVAL_T[b * 3:(b + 1) * 3].tolist():
-            noise = torch.randn(batch["latents"].shape, generator=g).to(device)
-            t = torch.full((n,), t_val, dtype=torch.long, device=device)
-            x0 = batch["latents"]
+    groups = {}  # one batch per bucket: latents of different sizes cannot be stacked
+    for it in eval_set:
+        groups.setdefault(it.bucket, []).append(it)
+    sums = torch.zeros(10)
+    for items in groups.values():
+        batch = to_device(data.collate(items, cache))
+        x0, y = batch["latents"], model.build_y(batch["pooled"], batch["time_ids"])
+        for i, t_val in enumerate(EVAL_T.tolist()):
+            noise = torch.randn(x0.shape, generator=g).to(device)
+            t = torch.full((x0.shape[0],), t_val, dtype=torch.long, device=device)
             z = schedule.add_noise(x0, noise, t, abar)
             target = schedule.v_target(x0, noise, t, abar) if prediction == "v" else noise
             with amp:
-                out = unet(z, t, batch["context"], model.build_y(batch["pooled"], batch["time_ids"]))
-            errs.append((out.float() - target).pow(2).mean().item())
-        bins.append(sum(errs) / len(errs))
+                out = unet(z, t, batch["context"], y)
+            sums[i // 3] += (out.float() - target).pow(2).mean(dim=(1, 2, 3)).sum().item()
     unet.train()
-    return bins
+    return (sums / (3 * len(eval_set))).tolist()
 
 
 def preview(it):
@@ -331,14 +328,14 @@ def atomic_torch_save(obj, path):
 
 
 def rng_state():
-    s = {"python": __import__("random").getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if device_type == "cuda":
         s["cuda"] = torch.cuda.get_rng_state(device)
     return s
 
 
 def set_rng_state(s):
-    __import__("random").setstate(s["python"])
+    random.setstate(s["python"])
     np.random.set_state(s["numpy"])
     torch.set_rng_state(s["torch"])
     if device_type == "cuda" and "cuda" in s:
@@ -377,12 +374,16 @@ def export():
     path = os.path.join(out_dir, "model.safetensors")
     dt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[export_dtype]
     model.save_checkpoint(sdxl, path, v_pred=prediction == "v", ztsnr=zsnr, metadata=meta, dtype=dt)
-    tok_dirs = data.tokenizer_dirs(tokenizer)
+    tok_dir = data.tokenizer_folder(tokenizer)
     model.write_diffusers_config(sdxl.cfg, os.path.join(out_dir, "diffusers"), beta_end=beta_end, zsnr=zsnr,
-                                 prediction=prediction, tokenizer_dirs=tok_dirs, beta_start=beta_start)
+                                 prediction=prediction, tokenizer_dirs=(tok_dir, tok_dir))
     print(f"exported {path} and {out_dir}/diffusers/")
 
 
+# seed here, after every setup step (making a start checkpoint draws from the RNG, loading one does not)
+random.seed(seed + ddp_rank)
+np.random.seed(seed + ddp_rank)
+torch.manual_seed(seed + ddp_rank)
 iter_num, skipped = 0, 0
 if resume:
     iter_num, skipped = ckpt["iter_num"], ckpt["skipped"]
@@ -517,7 +518,7 @@ while iter_num < max_iters:
         print(f"iter {iter_num}: loss {log['loss'] / max(1, log['n']):.5f}, lr {lr_now:.3g}, betas ({betas_now[0]:.4f}, "
               f"{betas_now[1]:.4f}), gnorm {gnorm.item():.3g}, {ips:.2f} img/s, {1000 * dt / log_interval:.0f} ms/it, "
               f"mfu {mfu}, mem {mem}, skipped {skipped}, eta {eta / 60:.1f} min")
-        print("  t-bin mse " + " ".join(f"{v:.4f}" for v in bins))
+        print("  t-bin mse " + " ".join(f"{v:.4f}" if n else "-" for v, n in zip(bins, log["bin_n"].tolist())))
         if wandb_log:
             wandb.log({"iter": iter_num, "loss": log["loss"] / max(1, log["n"]), "lr": lr_now, "img_s": ips,
                        **{f"mse_bin{i}": v for i, v in enumerate(bins)}})

@@ -9,7 +9,9 @@ tiny_size = True
 tokenizer = "data/tiny/tokenizer"  # vocab.json + merges.txt, learned from the synthetic captions
 dataset_dir = "data/tiny/images"
 make_synthetic = 96  # images written to dataset_dir when it is missing
-resolution = 128  # buckets of area <= 128^2 in steps of 64: 128x128, 64x192, 192x64, 64x256, 256x64
+resolution = 128  # buckets of area <= 128^2 with sides multiples of 32: 96x160, 128x128, 160x96
+bucket_step = 32  # latents of 12..20 pixels: divisible by 4, as the 3-level UNet needs
+synthetic_sizes = ((128, 128), (96, 160), (160, 96), (112, 176))
 eval_items = 8
 # global batch 4 = 4 micro x 1 accum x 1 process
 batch_size = 4
