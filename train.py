@@ -86,7 +86,7 @@ dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # compute dtype 
 precision = "amp"  # amp: fp32 master weights + autocast; bf16: pure bf16 weights (loses updates at lr<1e-5, math.md §7)
 compile = torch.cuda.is_available()  # torch.compile the UNet (the uncompiled module is what gets saved)
 grad_ckpt = False  # per-block gradient checkpointing (+33% FLOPs; for small-memory cards)
-seed = 1337  # base seed; each process adds its rank
+seed = 1337  # seeds the data order, caption dropout, t and noise (the same on every process)
 peak_tflops = 0.0  # device peak for MFU; 0 = look up the device table
 # logging
 log_interval = 10  # iterations per printed line
@@ -380,10 +380,11 @@ def export():
     print(f"exported {path} and {out_dir}/diffusers/")
 
 
-# seed here, after every setup step (making a start checkpoint draws from the RNG, loading one does not)
-random.seed(seed + ddp_rank)
-np.random.seed(seed + ddp_rank)
-torch.manual_seed(seed + ddp_rank)
+# seed here, after every setup step (making a start checkpoint draws from the RNG, loading one does not);
+# the same seed on every process, see the noise draw in the loop
+random.seed(seed)
+np.random.seed(seed)
+torch.manual_seed(seed)
 iter_num, skipped = 0, 0
 if resume:
     iter_num, skipped = ckpt["iter_num"], ckpt["skipped"]
@@ -468,8 +469,11 @@ while iter_num < max_iters:
     for micro in range(grad_accum):
         batch = to_device(loader.next_batch())
         b = batch["latents"].shape[0]
-        t = torch.randint(0, T, (b,)).to(device)
-        noise = torch.randn(batch["latents"].shape).to(device)
+        # t and noise are drawn for the whole global batch from an RNG seeded alike on every process, and each
+        # process takes its slice: N processes then compute exactly the single-process update
+        mine = slice(ddp_rank * b, (ddp_rank + 1) * b)
+        t = torch.randint(0, T, (b * ddp_world_size,))[mine].to(device)
+        noise = torch.randn(b * ddp_world_size, *batch["latents"].shape[1:])[mine].to(device)
         if ddp:  # only sync gradients on the last micro-step
             train_unet.require_backward_grad_sync = micro == grad_accum - 1
         loss, mse = forward_loss(batch, t, noise)
