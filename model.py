@@ -20,6 +20,7 @@ import json
 import math
 import os
 import shutil
+import struct
 import time
 from dataclasses import dataclass, field
 
@@ -673,35 +674,58 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32) -> SDXL:
     return sdxl
 
 
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+              torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def write_safetensors(tensors, path, metadata, dtype=None):
+    """The safetensors format written by hand: 8-byte header length, JSON header, raw little-endian data.
+    Keys and metadata in sorted order, so the same weights always give the same bytes (safetensors' own
+    writer orders metadata by a randomly seeded hash map), and one tensor at a time is cast and copied,
+    so SDXL is never held twice in RAM. Atomic: a temp file in the same folder, then os.replace.
+    dtype: cast floating-point tensors to it on the way out (None = keep)."""
+    names = sorted(tensors)
+    out_dtype = {k: dtype if dtype is not None and tensors[k].is_floating_point() else tensors[k].dtype for k in names}
+    header, offset = {"__metadata__": dict(sorted(metadata.items()))}, 0
+    for k in names:
+        n = tensors[k].numel() * torch.empty((), dtype=out_dtype[k]).element_size()
+        header[k] = {"dtype": _ST_DTYPES[out_dtype[k]], "shape": list(tensors[k].shape),
+                     "data_offsets": [offset, offset + n]}
+        offset += n
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)  # the data starts 8-byte aligned
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(h)) + h)
+            for k in names:
+                t = tensors[k].detach().to(out_dtype[k]).contiguous().cpu()
+                f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def save_checkpoint(sdxl, path, v_pred=True, ztsnr=True, metadata=None, dtype=None):
     """Write the sgm layout (the file's 2515 keys for SDXL base) + `v_pred` / `ztsnr` empty markers (ComfyUI,
     Forge, A1111 read them) + modelspec metadata, atomically (temp file in the same folder, then os.replace).
     dtype: export dtype for float tensors (torch.float16 / bfloat16 / float32), None = keep. metadata: extra
     entries, non-str values JSON-encoded. Works on the raw module: a torch.compile wrapper is unwrapped."""
-    from safetensors.torch import save_file
     sdxl = getattr(sdxl, "_orig_mod", sdxl)
     tensors = {}
     for k, t in sdxl.state_dict().items():
-        t = t.detach()
-        if dtype is not None and t.is_floating_point():
-            t = t.to(dtype)
-        tensors[k.replace("_orig_mod.", "")] = t.contiguous().cpu()  # a compiled submodule adds _orig_mod.
+        tensors[k.replace("_orig_mod.", "")] = t  # a compiled submodule adds _orig_mod.
     tensors[PREFIX["te1"] + "embeddings.position_ids"] = torch.arange(sdxl.cfg.te1.n_ctx, dtype=torch.int64)[None]
     for marker, on in (("v_pred", v_pred), ("ztsnr", ztsnr)):
         if on:
-            tensors[marker] = torch.zeros(0)
+            tensors[marker] = torch.zeros(0)  # cast like the rest; empty either way
     meta = {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "stable-diffusion-xl-v1-base",
             "modelspec.implementation": "sgm", "modelspec.prediction_type": "v" if v_pred else "epsilon",
             "modelspec.title": os.path.splitext(os.path.basename(path))[0],
             "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S")}
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_safetensors(tensors, path, meta, dtype)
 
 # -----------------------------------------------------------------------------
 # diffusers config folder, so StableDiffusionXLPipeline.from_single_file(file, config=folder) gets the schedule
