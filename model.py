@@ -548,6 +548,58 @@ def init_random_(model: nn.Module, seed=0):
     return model
 
 # -----------------------------------------------------------------------------
+# optimizers (as nanoGPT's configure_optimizers: train.py and bench.py build them the same way)
+
+def stochastic_round_bf16(x, generator=None):
+    """fp32 -> bf16, rounding up or down with probability proportional to closeness, so E[out] = x.
+    bf16 is the top half of fp32's bits: add uniform noise to the 16 bits that are cut, then truncate."""
+    bits = x.contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
+    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)  # exact: low bits are zero
+
+
+def _adamw8bit_sr(bnb, seed):
+    """bitsandbytes AdamW8bit that keeps sub-ulp updates of bf16 weights (math.md §7): each tensor's update
+    runs in fp32 on a temporary copy and is written back with stochastic rounding. Memory: one fp32 copy
+    of the largest tensor at a time, instead of fp32 master weights for all of them."""
+    class AdamW8bitSR(bnb.optim.AdamW8bit):
+        @torch.no_grad()
+        def update_step(self, group, p, gindex, pindex):
+            if p.dtype != torch.bfloat16:
+                return super().update_step(group, p, gindex, pindex)
+            if not hasattr(self, "sr_gen"):
+                self.sr_gen = torch.Generator(device=p.device).manual_seed(seed)
+            q = p.detach().float()
+            q.grad = p.grad.float()
+            self.state[q] = self.state[p]  # the same state dict, updated in place
+            try:
+                super().update_step(group, q, gindex, pindex)
+            finally:
+                del self.state[q]
+            p.copy_(stochastic_round_bf16(q, self.sr_gen))
+    return AdamW8bitSR
+
+
+def configure_optimizer(params, name="adamw8bit", lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01,
+                        fused=False, seed=0):
+    """Decoupled weight decay on >= 2-D tensors (matmul/conv weights) only, as nanoGPT.
+    adamw8bit: bitsandbytes (with stochastic-rounding write-back when the weights are bf16);
+    adamw: torch (fused on CUDA); adafactor: torch.optim.Adafactor (no betas)."""
+    params = [p for p in params if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    if name == "adamw8bit":
+        import bitsandbytes as bnb
+        bf16 = any(p.dtype == torch.bfloat16 for p in params)
+        cls = _adamw8bit_sr(bnb, seed) if bf16 else bnb.optim.AdamW8bit
+        return cls(groups, lr=lr, betas=betas, eps=eps)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
+    if name == "adafactor":
+        return torch.optim.Adafactor(groups, lr=lr)
+    raise ValueError(f"optimizer must be adamw8bit | adamw | adafactor, got {name!r}")
+
+# -----------------------------------------------------------------------------
 # load / save the single-file checkpoint
 
 class CheckpointError(ValueError):

@@ -83,7 +83,7 @@ max_skips = 10  # this many non-finite steps in a row stop the run
 # system
 device = "cuda" if torch.cuda.is_available() else "cpu"  # cuda | cpu | cuda:N
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # compute dtype (autocast)
-precision = "amp"  # amp: fp32 master weights + autocast; bf16: pure bf16 weights (loses updates at lr<1e-5, math.md §7)
+precision = "amp"  # amp: fp32 master weights + autocast; bf16: pure bf16 weights, updates kept by stochastic rounding (adamw8bit)
 compile = torch.cuda.is_available()  # torch.compile the UNet (the uncompiled module is what gets saved)
 grad_ckpt = False  # per-block gradient checkpointing (+33% FLOPs; for small-memory cards)
 seed = 1337  # seeds the data order, caption dropout, t and noise (the same on every process)
@@ -172,8 +172,10 @@ unet = sdxl.unet
 unet.requires_grad_(True)
 unet.train()
 unet.grad_ckpt = grad_ckpt
-if precision == "bf16":
-    print("WARNING: pure bf16 weights round each update to nearest: at lr < 1e-5 most updates are lost (math.md §7)")
+if precision == "bf16":  # halves weight and grad memory; AdamW8bit then writes back with stochastic rounding
+    if optimizer != "adamw8bit":
+        print(f"WARNING: pure bf16 weights with {optimizer} round each update to nearest: at lr < 1e-5 most "
+              "updates are lost (math.md §7); adamw8bit keeps them with stochastic rounding")
     unet.to(torch.bfloat16)
 else:
     assert precision == "amp", f"precision must be 'amp' or 'bf16', got {precision!r}"
@@ -229,21 +231,8 @@ def get_betas(it):
     return (beta1 + r * (beta1_final - beta1), beta2 + r * (beta2_final - beta2))
 
 
-def make_optimizer(params):
-    decay = [p for p in params if p.dim() >= 2]  # matmul/conv weights; norms and biases are not decayed
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if optimizer == "adamw8bit":
-        import bitsandbytes as bnb
-        return bnb.optim.AdamW8bit(groups, lr=lr, betas=get_betas(0), eps=adam_eps)
-    if optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=get_betas(0), eps=adam_eps, fused=device_type == "cuda")
-    if optimizer == "adafactor":
-        return torch.optim.Adafactor(groups, lr=lr)
-    raise ValueError(f"optimizer must be adamw8bit | adamw | adafactor, got {optimizer!r}")
-
-
-opt = make_optimizer([p for p in unet.parameters() if p.requires_grad])
+opt = model.configure_optimizer(unet.parameters(), optimizer, lr, get_betas(0), adam_eps, weight_decay,
+                                fused=device_type == "cuda", seed=seed)
 if resume:
     opt.load_state_dict(ckpt["optimizer"])
 

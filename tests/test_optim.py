@@ -1,0 +1,40 @@
+"""model.configure_optimizer: the pure-bf16 mode keeps the updates that round-to-nearest loses (math.md §7)."""
+import torch
+
+import model
+
+
+def run(dtype, sr, steps=60, lr=1e-6):
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(512, 256, generator=g)
+    direction = torch.randn(512, 256, generator=g)
+    p = torch.nn.Parameter(w0.clone().to(dtype))
+    if sr:
+        opt = model.configure_optimizer([p], "adamw8bit", lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    else:  # plain bitsandbytes: round-to-nearest write-back in the parameter's dtype
+        import bitsandbytes as bnb
+        opt = bnb.optim.AdamW8bit([p], lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    for _ in range(steps):
+        p.grad = (direction + 0.5 * torch.randn(512, 256, generator=g)).to(dtype)
+        opt.step()
+    return p.detach().float() - w0.to(dtype).float()
+
+
+def test_stochastic_rounding_is_unbiased():
+    x = torch.full((200_000,), 1.0 + 2 ** -10)  # 1/8 of the way from 1 to the next bf16, 1 + 2^-7
+    r = model.stochastic_round_bf16(x, torch.Generator().manual_seed(0)).float()
+    assert set(r.unique().tolist()) == {1.0, 1.0 + 2 ** -7}
+    assert abs(r.mean().item() - x[0].item()) < 2e-5
+    assert torch.equal(model.stochastic_round_bf16(torch.tensor([0.5, -2.0, 3.0])).float(), torch.tensor([0.5, -2.0, 3.0]))
+
+
+def test_bf16_sr_moves_weights_like_fp32_masters():
+    ref = run(torch.float32, sr=False)
+    sr = run(torch.bfloat16, sr=True)
+    nearest = run(torch.bfloat16, sr=False)
+    slope = lambda d: (d * ref).sum().item() / (ref * ref).sum().item()  # projection on the fp32 update
+    assert (ref != 0).float().mean() > 0.99
+    assert (nearest != 0).float().mean() < 0.02 and abs(slope(nearest)) < 0.05, "round-to-nearest should lose them"
+    assert 0.8 < slope(sr) < 1.2, slope(sr)
+    # each element moves a whole bf16 ulp with probability update/ulp: few move, but the expected move is right
+    assert (sr != 0).float().mean() > 10 * (nearest != 0).float().mean()
