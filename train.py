@@ -154,9 +154,9 @@ def make_tiny_start(path):
 
 
 if base == "random":  # SDXL-shaped random weights, for benchmarks: same weights in every process
-    sdxl = model.SDXL()
+    with torch.device(device):  # built and randomised in place: 3.5B parameters are slow to fill on a CPU
+        sdxl = model.SDXL()
     model.init_random_(sdxl, seed=seed)
-    sdxl.to(device)
 else:
     path = fetch(base)
     if tiny_size and not os.path.exists(path):

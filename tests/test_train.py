@@ -41,7 +41,9 @@ def ckpt(out):
 
 def test_resume_is_bit_exact_and_schedules_reach_optimizer(assets):
     d, common = assets
-    run(d / "straight", common, "--max_iters=5", "--eval_interval=5")
+    # the straight run also draws preview grids: they must not disturb the training RNG
+    run(d / "straight", common, "--max_iters=5", "--eval_interval=5", "--sample_interval=3", "--sample_steps=2")
+    assert (d / "straight" / "samples" / "iter_000003.png").stat().st_size > 1000
     run(d / "split", common, "--max_iters=2")
     os.replace(d / "split" / "ckpt.pt", d / "two_steps.pt")  # kept for the NaN test
     os.link(d / "two_steps.pt", d / "split" / "ckpt.pt")
