@@ -1,4 +1,393 @@
 """
-Times the UNet training step alone (cached latents and text embeddings, loss, backward, optimizer step),
-side by side with diffusers' UNet2DConditionModel (issue 7). Not written yet.
+Times the UNet training step alone, nanoGPT bench.py style: cached latents and text embeddings (synthetic
+tensors of the real shapes), noise + t, the v target, the per-t loss weight, forward, backward, grad clip and
+the optimizer step. Optionally runs the identical step on diffusers' UNet2DConditionModel built with the
+equivalent config and the same weights (converted with diffusers' own convert_ldm_unet_checkpoint), checks
+once that both give the same forward output, and prints `ratio X.XX` (our images/s over diffusers') last.
+
+    python bench.py config/tiny.py --compare=diffusers          # CPU, offline, tiny model (tests/test_bench.py)
+    python bench.py config/tiny.py --profile=True                # + torch.profiler trace in out_dir
+    # 1 GPU, SDXL base UNet with random weights, 1024^2, batch 4: amp (fp32 master + bf16), compile,
+    # channels_last, AdamW8bit -- the perf.md target (>= 20 img/s, >= 1.3x diffusers)
+    python bench.py --init_from=random --resolution=1024 --batch_size=4 --compare=diffusers
+    # the 24 GB mode: pure bf16 weights + per-block gradient checkpointing, batch 1
+    python bench.py --init_from=random --resolution=1024 --batch_size=1 --precision=bf16 --grad_ckpt=True
+
+Timing: CUDA events on a GPU (no host sync inside the timed steps: t, noise and the loss weight are made on
+the device), wall clock on CPU; the first step (which compiles) is timed apart from the steady state, then
+`warmup` untimed steps, then `rounds` windows of `iters` steps; medians over all timed steps are reported. On
+CPU both models stay in memory and the windows alternate (ours, theirs, theirs, ours, ...) so drift and
+noisy neighbours hit both, and torch runs one thread (--threads): two OpenMP threads on two shared, busy cores
+stall at every barrier and swing step times tenfold. On a GPU two SDXL trainers (weights, grads, optimizer
+state) do not fit at once, so they run one after the other; diffusers compiles second and reuses the Inductor
+kernels the two graphs share, so its first-step time is the lower bound of a cold compile.
+FLOPs: counted once with torch.utils.flop_counter.FlopCounterMode on the meta device at the real shape,
+forward + backward, without checkpointing (model FLOPs; recomputation is not credited). MFU is against the
+dense bf16 peak of the device (table below, or --peak_tflops).
 """
+import gc
+import os
+import platform
+import statistics
+import time
+from contextlib import nullcontext
+
+import torch
+
+import configurator
+import model
+import schedule
+
+# -----------------------------------------------------------------------------
+# the train.py keys the step uses (same names and defaults, but init_from: a bench needs no download); train.py's
+# other keys are accepted and ignored (train_keys below), so any training config works here as-is
+out_dir = "out/vpred"  # the profiler traces go here
+init_from = "random"  # local sgm file | hf:REPO/FILE | 'random' (full-size SDXL base, random weights)
+tiny_size = False  # init_from missing -> the tiny SDXL-topology model with random weights (nothing is written)
+resolution = 1024  # image side in pixels; latents are resolution/8 square
+batch_size = 4  # images per step (one micro-step is timed; grad_accum is ignored)
+prediction = "v"  # v | eps: the regression target
+beta_start = 0.00085  # scaled-linear betas start
+beta_end = 0.024  # scaled-linear betas end
+zsnr = True  # zero terminal SNR rescale
+weighting = "sigmoid"  # sigmoid | kg_sigmoid | min_snr | none
+k = 5.0  # sigmoid weighting offset
+gamma = 5.0  # min_snr gamma
+optimizer = "adamw8bit"  # adamw8bit (bitsandbytes) | adamw (torch, fused on CUDA) | adafactor (torch)
+lr = 7.5e-6  # learning rate (any value: only the cost is measured)
+beta1 = 0.9  # Adam beta1
+beta2 = 0.95  # Adam beta2
+weight_decay = 0.01  # decoupled, on >= 2-D weights only
+adam_eps = 1e-8  # Adam epsilon
+grad_clip = 1.0  # clip the global grad norm (in the optimizer phase, as train.py); 0 = off
+device = "cuda" if torch.cuda.is_available() else "cpu"  # cuda | cpu | cuda:N
+dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # compute dtype (autocast)
+precision = "amp"  # amp: fp32 master weights + autocast; bf16: pure bf16 weights
+compile = torch.cuda.is_available()  # torch.compile the UNet (both UNets under --compare)
+grad_ckpt = False  # per-block gradient checkpointing (diffusers: enable_gradient_checkpointing)
+seed = 1337  # weights and inputs
+peak_tflops = 0.0  # device peak for MFU; 0 = look up the device table
+# bench only
+model_size = "auto"  # auto (init_from / tiny_size decide) | tiny | full (tiny and full use random weights)
+compare = ""  # '' | 'diffusers': also time diffusers' UNet2DConditionModel on the identical step
+compile_diffusers = True  # False: leave diffusers' UNet eager even with compile=True (saves one compile)
+channels_last = torch.cuda.is_available()  # channels_last memory format for both UNets (cuDNN convs)
+warmup = 3  # untimed steps after the first (compiling) step
+iters = 10 if torch.cuda.is_available() else 1  # timed steps per window (CPU: windows alternate step by step)
+rounds = 3 if torch.cuda.is_available() else 30  # timing windows per model
+threads = 1  # torch threads on CPU, 0 = default (2 OpenMP threads on 2 busy shared cores stall at each barrier)
+profile = False  # write a torch.profiler chrome trace of a few steps per model to out_dir
+# -----------------------------------------------------------------------------
+
+
+def train_keys():
+    """train.py's config keys and literal defaults (None where the default is an expression), read from its
+    source without running it: the keys a training config may set that the bench ignores."""
+    import ast
+    keys = {}
+    for node in ast.parse(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")).read()).body:
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            if ast.unparse(node.value).startswith("configurator.configure"):
+                break
+            try:
+                keys[node.targets[0].id] = ast.literal_eval(node.value)
+            except (ValueError, TypeError, SyntaxError):
+                keys[node.targets[0].id] = None
+    return keys
+
+
+for _key, _default in train_keys().items():
+    globals().setdefault(_key, _default)
+config = configurator.configure(globals())
+# -----------------------------------------------------------------------------
+
+device_type = "cuda" if device.startswith("cuda") else "cpu"
+ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+amp = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
+assert precision in ("amp", "bf16"), f"precision must be 'amp' or 'bf16', got {precision!r}"
+wdtype = torch.bfloat16 if precision == "bf16" else torch.float32  # weight (and input) dtype
+if device_type == "cpu" and threads:
+    torch.set_num_threads(threads)
+if device_type == "cuda":
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True  # one shape for the whole run: let cuDNN pick its conv algorithms
+torch.manual_seed(seed)
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0,
+               "L40S": 362.0, "4090": 165.0, "A6000": 155.0, "L4": 121.0, "B200": 2250.0}  # dense bf16, as train.py
+if device_type == "cuda":
+    dev_name = torch.cuda.get_device_name(device)
+    peak = peak_tflops or next((v for key, v in PEAK_TFLOPS.items() if key in dev_name), 0.0)
+else:
+    dev_name, peak = platform.processor() or "cpu", peak_tflops
+print(f"device {dev_name}, torch {torch.__version__}, {torch.get_num_threads()} threads, precision {precision}, "
+      f"dtype {dtype}, compile {compile}, channels_last {channels_last}, grad_ckpt {grad_ckpt}, {optimizer}")
+
+# -----------------------------------------------------------------------------
+# the model (only the UNet: VAE and text encoders are not part of the step)
+
+
+def build_unet():
+    path = init_from
+    if path.startswith("hf:") and model_size == "auto":
+        from huggingface_hub import hf_hub_download
+        owner, name, filename = path[3:].split("/", 2)
+        path = hf_hub_download(f"{owner}/{name}", filename)
+    size = model_size if model_size != "auto" else ("full" if init_from == "random" else "file"
+                                                    if os.path.isfile(path) else "tiny" if tiny_size else "missing")
+    if size == "missing":
+        raise SystemExit(f"init_from {init_from!r} is not a file: use --init_from=random (full-size SDXL, random "
+                         "weights), --model_size=tiny, or a config with tiny_size=True")
+    if size == "file":
+        unet = model.load_checkpoint(path, device="cpu", dtype=torch.float32).unet
+    else:
+        cfg = model.SDXLConfig.tiny() if size == "tiny" else model.SDXLConfig()
+        with torch.device("meta"):
+            unet = model.UNet(cfg.unet)
+        unet = model.init_random_(unet.to_empty(device=device), seed=seed)
+    print(f"UNet: {size} ({sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M params, "
+          f"{len(list(unet.parameters()))} tensors)")
+    return unet.to(device)
+
+
+def diffusers_config(u):
+    """The UNet2DConditionModel config equal to model.UNetConfig u (sdxl_format.md, 'diffusers equivalent')."""
+    assert u.transformer_depth_middle == u.transformer_depth[-1], "diffusers: middle depth = last level's depth"
+    attn = [d > 0 for d in u.transformer_depth]
+    return dict(sample_size=128, in_channels=u.in_channels, out_channels=u.out_channels,
+                layers_per_block=u.num_res_blocks, block_out_channels=[u.model_channels * m for m in u.channel_mult],
+                down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+                up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+                attention_head_dim=[max(1, u.model_channels * m // u.head_dim) for m in u.channel_mult],  # head counts
+                transformer_layers_per_block=[max(1, d) for d in u.transformer_depth],
+                cross_attention_dim=u.context_dim, use_linear_projection=True, norm_num_groups=u.num_groups,
+                addition_embed_type="text_time", addition_time_embed_dim=model.TIME_ID_DIM,
+                projection_class_embeddings_input_dim=u.adm_in_channels)
+
+
+def build_diffusers(ours):
+    """diffusers' UNet with our weights, converted by diffusers' own sgm -> diffusers converter (copies, not views)."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+    from diffusers.utils import logging
+    cfg = diffusers_config(ours.cfg)
+    sgm = {"model.diffusion_model." + k: v.detach().clone() for k, v in ours.state_dict().items()}
+    with torch.device("meta"):
+        theirs = UNet2DConditionModel(**cfg)
+    theirs.load_state_dict(convert_ldm_unet_checkpoint(sgm, cfg), strict=True, assign=True)
+    logging.set_verbosity_error()  # its .to(bfloat16) warns about keeping modules in fp32; it has none
+    return theirs
+
+
+@torch.no_grad()
+def equivalence(ours, theirs):
+    """Relative error between the two forwards on the first bench image, in fp32 (no TF32), before any step."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    b = {k: v[:1] for k, v in batch.items()}
+    t = torch.full((1,), T // 2, device=device)
+    z = schedule.add_noise(b["x0"], torch.randn_like(b["x0"]), t, abar)
+    a, c = call_ours(ours, z, t, b), call_diffusers(theirs, z, t, b)
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    return ((a - c).norm() / c.norm()).item()
+
+
+def call_ours(net, z, t, b):  # y built every step, as train.py does and as diffusers does inside its forward
+    return net(z, t, b["context"], model.build_y(b["pooled"], b["time_ids"]))
+
+
+def call_diffusers(net, z, t, b):  # the same y, built inside diffusers from (pooled, time_ids)
+    return net(z, t, encoder_hidden_states=b["context"], return_dict=False,
+               added_cond_kwargs={"text_embeds": b["pooled"], "time_ids": b["time_ids"]})[0]
+
+
+def make_optimizer(params):  # as train.py, for both sides
+    return model.configure_optimizer(params, optimizer, lr, (beta1, beta2), adam_eps, weight_decay,
+                                     fused=device_type == "cuda", seed=seed)
+
+
+def make_side(name, net, call, compiled):
+    net.train().requires_grad_(True).to(wdtype)
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
+    if grad_ckpt:
+        if name == "ours":
+            net.grad_ckpt = True
+        else:
+            net.enable_gradient_checkpointing()
+    return {"name": name, "net": net, "call": call, "compiled": compiled, "opt": None, "fwd": None, "times": []}
+
+
+def start(side):
+    """Optimizer + compile wrapper (built here so that a parked model is on the device first), first step, warm-up."""
+    # ours must compile without graph breaks (fullgraph); diffusers' UNet is compiled as it comes
+    side["fwd"] = torch.compile(side["net"], fullgraph=side["name"] == "ours") if side["compiled"] else side["net"]
+    side["opt"] = make_optimizer([p for p in side["net"].parameters() if p.requires_grad])
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    step(side, [])
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+    side["first_s"] = time.perf_counter() - t0
+    for _ in range(warmup):
+        step(side, [])
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+
+# -----------------------------------------------------------------------------
+# one training step, marked at its phase boundaries
+
+
+abar = schedule.alphas_cumprod(beta_end, zsnr, beta_start).to(device)  # float64, cast at use
+T = len(abar)
+# m(t) for every t, on the device: w = wtab[t] needs no host sync (loss_weight indexes on the CPU)
+wtab = schedule.loss_weight(torch.arange(T), abar.cpu(), weighting, k, gamma).to(device)
+
+
+def clock():
+    if device_type == "cuda":
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        return e
+    return time.perf_counter()
+
+
+def ms(a, b):
+    return a.elapsed_time(b) if device_type == "cuda" else 1e3 * (b - a)
+
+
+def step(side, marks):
+    marks.append(clock())
+    t = torch.randint(0, T, (batch_size,), device=device)
+    noise = torch.randn_like(batch["x0"])
+    z = schedule.add_noise(batch["x0"], noise, t, abar)
+    target = schedule.v_target(batch["x0"], noise, t, abar) if prediction == "v" else noise
+    with amp:
+        out = side["call"](side["fwd"], z, t, batch)
+    loss = (wtab[t] * (out.float() - target.float()).pow(2).mean(dim=(1, 2, 3))).mean()
+    marks.append(clock())
+    loss.backward()
+    marks.append(clock())
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(side["net"].parameters(), grad_clip)  # foreach, no host sync
+    marks.append(clock())
+    side["opt"].step()
+    side["opt"].zero_grad(set_to_none=True)
+    marks.append(clock())
+
+
+def window(side):
+    marks = []
+    gc.collect()
+    gc.disable()  # no collector pauses inside a timed window
+    for _ in range(iters):
+        step(side, marks)
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+    gc.enable()
+    for i in range(0, len(marks), 5):
+        m = marks[i:i + 5]
+        side["times"].append([ms(a, b) for a, b in zip(m, m[1:])] + [ms(m[0], m[4])])  # fwd bwd clip opt total
+
+
+def count_flops(net, call):
+    """Forward + backward FLOPs of one step at the real shape, on the meta device (nothing is allocated)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    b = {k: torch.empty(v.shape, device="meta") for k, v in batch.items()}  # fp32, as the meta model
+    with torch.device("meta"):
+        m = model.UNet(net.cfg) if isinstance(net, model.UNet) else type(net).from_config(net.config)
+        t = torch.zeros(batch_size, dtype=torch.long)
+        with FlopCounterMode(display=False) as fc:
+            call(m, b["x0"], t, b).float().pow(2).mean().backward()
+    return fc.get_total_flops()
+
+
+def report(side):
+    f, bw, c, o, tot = (statistics.median(col) for col in zip(*side["times"]))
+    ips = batch_size / (tot / 1e3)
+    mfu = f"{100 * side['flops'] * ips / (peak * 1e12):.1f}%" if peak else "-"
+    mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device_type == "cuda" else "-"
+    n = len(list(side["net"].parameters()))
+    print(f"{side['name']}: {ips:.3f} img/s, {tot:.1f} ms/step (fwd {f:.1f}, bwd {bw:.1f}, clip {c:.1f}, "
+          f"opt {o:.1f} ms over {n} tensors), {side['flops'] / 1e12:.4g} TFLOP/img, mfu {mfu}, peak mem {mem}, "
+          f"first step {side['first_s']:.1f} s, batch {batch_size} @ {resolution}px, {len(side['times'])} steps")
+    return ips
+
+
+def trace(side):
+    from torch.profiler import ProfilerActivity, profile as prof
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == "cuda" else [])
+    with prof(activities=acts) as p:
+        for _ in range(min(iters, 3)):
+            step(side, [])
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"bench_trace_{side['name']}.json")
+    p.export_chrome_trace(path)
+    key = "self_device_time_total" if device_type == "cuda" else "self_cpu_time_total"
+    print(p.key_averages().table(sort_by=key, row_limit=15))
+    print(f"wrote {path}")
+
+# -----------------------------------------------------------------------------
+# the run
+
+
+unet = build_unet()  # fp32 until after the equivalence check
+ucfg = unet.cfg
+h = w = resolution // 8
+assert h % 4 == 0, f"resolution {resolution} must be a multiple of 32 (latents / 4 after two downsamples)"
+g = torch.Generator(device="cpu").manual_seed(seed)
+batch = {"x0": torch.randn(batch_size, ucfg.in_channels, h, w, generator=g),  # cached latents (model scale)
+         "context": torch.randn(batch_size, 77, ucfg.context_dim, generator=g),  # cat(CLIP-L, bigG) hidden
+         "pooled": torch.randn(batch_size, ucfg.adm_in_channels - 6 * model.TIME_ID_DIM, generator=g),
+         "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * batch_size).float()}
+batch = {k: v.to(device) for k, v in batch.items()}
+nets = [("ours", unet, call_ours, compile)]
+if compare:
+    assert compare == "diffusers", f"compare must be '' or 'diffusers', got {compare!r}"
+    theirs = build_diffusers(unet)  # on our device
+    nets.append(("diffusers", theirs, call_diffusers, compile and compile_diffusers))
+    err = equivalence(unet, theirs)
+    print(f"equivalence: forward rel err {err:.2e} vs diffusers in fp32 (tol 1e-4): {'ok' if err <= 1e-4 else 'FAIL'}")
+batch = {k: v.to(wdtype if k != "time_ids" else torch.float32) for k, v in batch.items()}
+if channels_last:
+    batch["x0"] = batch["x0"].contiguous(memory_format=torch.channels_last)
+sides = [make_side(*n) for n in nets]
+
+for s in sides:
+    s["flops"] = count_flops(s["net"], s["call"]) / batch_size
+    print(f"{s['name']}: {s['flops']:.6e} FLOP per image (fwd+bwd, counted on meta)")
+
+alternate = device_type == "cpu"  # both trainers fit in RAM; on a GPU two SDXL trainers (weights+grads+state) do not
+if alternate:
+    for s in sides:
+        start(s)
+    for r in range(rounds):
+        for s in (sides if r % 2 == 0 else sides[::-1]):
+            window(s)
+    for s in sides:
+        if profile:
+            trace(s)
+    for s in sides:
+        s["ips"] = report(s)
+else:
+    if compare:
+        theirs.to("cpu")  # parked while ours runs
+    for s in sides:
+        s["net"].to(device)
+        start(s)
+        for r in range(rounds):
+            window(s)
+        if profile:
+            trace(s)
+        s["ips"] = report(s)
+        s["net"].to("cpu")
+        s["opt"] = s["fwd"] = None  # free the optimizer state (and grads are already None) before the next side
+        if device_type == "cuda":
+            torch.cuda.empty_cache()
+
+if compare:
+    print(f"ratio {sides[0]['ips'] / sides[1]['ips']:.2f}")

@@ -207,7 +207,9 @@ class SpatialTransformer(nn.Module):
         h = self.proj_in(self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C))  # (B, HW, C)
         for block in self.transformer_blocks:
             h = block(h, context)
-        return self.proj_out(h).reshape(B, H, W, C).permute(0, 3, 1, 2) + x
+        # residual first: the sum then keeps x's memory layout (a permuted first operand would make it
+        # channels_last and every later conv reorder its weights on CPU)
+        return x + self.proj_out(h).reshape(B, H, W, C).permute(0, 3, 1, 2)
 
 
 class Downsample(nn.Module):
@@ -558,11 +560,28 @@ def stochastic_round_bf16(x, generator=None):
     return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)  # exact: low bits are zero
 
 
-def _adamw8bit_sr(bnb, seed):
-    """bitsandbytes AdamW8bit that keeps sub-ulp updates of bf16 weights (math.md §7): each tensor's update
-    runs in fp32 on a temporary copy and is written back with stochastic rounding. Memory: one fp32 copy
-    of the largest tensor at a time, instead of fp32 master weights for all of them."""
-    class AdamW8bitSR(bnb.optim.AdamW8bit):
+def _adamw8bit(bnb, seed):
+    """bitsandbytes AdamW8bit with two changes. (1) Its step() synchronises the device after every tensor
+    (needed only for paged state): 1680 host syncs per SDXL step; this one queues all updates and lets the
+    stream order them. (2) bf16 weights keep sub-ulp updates (math.md §7): each tensor's update runs in
+    fp32 on a temporary copy and is written back with stochastic rounding, so memory grows by one fp32
+    copy of the largest tensor instead of fp32 master weights for all of them."""
+    class AdamW8bit(bnb.optim.AdamW8bit):
+        @torch.no_grad()
+        def step(self, closure=None):
+            assert closure is None and not self.is_paged
+            if not self.initialized:
+                self.check_overrides()
+                self.to_gpu()
+                self.initialized = True
+            for gindex, group in enumerate(self.param_groups):
+                for pindex, p in enumerate(group["params"]):
+                    if p.grad is None:
+                        continue
+                    if len(self.state[p]) == 0:
+                        self.init_state(group, p, gindex, pindex)
+                    self.update_step(group, p, gindex, pindex)
+
         @torch.no_grad()
         def update_step(self, group, p, gindex, pindex):
             if p.dtype != torch.bfloat16:
@@ -577,22 +596,20 @@ def _adamw8bit_sr(bnb, seed):
             finally:
                 del self.state[q]
             p.copy_(stochastic_round_bf16(q, self.sr_gen))
-    return AdamW8bitSR
+    return AdamW8bit
 
 
 def configure_optimizer(params, name="adamw8bit", lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01,
                         fused=False, seed=0):
     """Decoupled weight decay on >= 2-D tensors (matmul/conv weights) only, as nanoGPT.
-    adamw8bit: bitsandbytes (with stochastic-rounding write-back when the weights are bf16);
+    adamw8bit: bitsandbytes' 8-bit AdamW without per-tensor syncs, stochastic rounding for bf16 weights;
     adamw: torch (fused on CUDA); adafactor: torch.optim.Adafactor (no betas)."""
     params = [p for p in params if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     if name == "adamw8bit":
         import bitsandbytes as bnb
-        bf16 = any(p.dtype == torch.bfloat16 for p in params)
-        cls = _adamw8bit_sr(bnb, seed) if bf16 else bnb.optim.AdamW8bit
-        return cls(groups, lr=lr, betas=betas, eps=eps)
+        return _adamw8bit(bnb, seed)(groups, lr=lr, betas=betas, eps=eps)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
     if name == "adafactor":
@@ -677,6 +694,15 @@ def config_from_shapes(shapes: dict) -> SDXLConfig:
         raise CheckpointError(f"CLIP-L (width 768) has {te1.layers} layers in this file, expected 12 (a pruned "
                               f"last layer would shift the penultimate hidden state; restore the full encoder)")
     return SDXLConfig(unet=unet, vae=vae, te1=te1, te2=te2)
+
+
+def fetch(spec):
+    """hf:OWNER/NAME/FILE -> a local path through huggingface_hub's cache (lazy import); else a local path."""
+    if not spec.startswith("hf:"):
+        return spec
+    from huggingface_hub import hf_hub_download
+    owner, name, filename = spec[3:].split("/", 2)
+    return hf_hub_download(f"{owner}/{name}", filename)
 
 
 def load_checkpoint(path, device="cpu", dtype=torch.float32) -> SDXL:

@@ -287,15 +287,6 @@ def unet_fn(sdxl, context, pooled, time_ids, batch_size=4, amp_dtype=None):
 
 # -----------------------------------------------------------------------------
 
-def fetch(spec):
-    """hf:OWNER/NAME/FILE -> local path through huggingface_hub's cache (lazy import); else a local path."""
-    if not spec.startswith("hf:"):
-        return spec
-    from huggingface_hub import hf_hub_download
-    owner, name, filename = spec[3:].split("/", 2)
-    return hf_hub_download(f"{owner}/{name}", filename)
-
-
 def read_prompts(spec):
     if not spec:
         return list(_PROMPTS)
@@ -325,7 +316,7 @@ def main():
     pds = panel_list(panels)
     check_sampling(pds)  # before anything slow
     plist = read_prompts(prompts)
-    path = fetch(ckpt)
+    path = model.fetch(ckpt)
     sdxl = model.load_checkpoint(path, device=dev, dtype=torch.float32).eval()
     tok_spec = tokenizer
     if not tok_spec:

@@ -89,13 +89,14 @@ WEIGHTINGS = ("sigmoid", "kg_sigmoid", "min_snr", "none")
 def loss_weight(t, abar, kind="sigmoid", k=5.0, gamma=5.0):
     """m(t) as float32 [B] on t's device. All four are finite at the zero-SNR step (lambda = -inf)."""
     t = torch.as_tensor(t).long()
-    lam = log_snr(abar)[t.cpu()]  # float64
+    abar = abar.to(t.device)  # index on t's device: no host sync in the training step
+    lam = log_snr(abar)[t]  # float64
     if kind == "sigmoid":
         # the seed's literal recipe: sigmoid(k - lambda) on the v-MSE; sigmoid(+inf) = 1 at the zsnr step
         w = torch.sigmoid(k - lam)
     elif kind == "kg_sigmoid":
         # Kingma & Gao's eps-space sigmoid carried into v-space: ||eps - eps_hat||^2 = abar ||v - v_hat||^2
-        w = torch.sigmoid(k - lam) * abar.double()[t.cpu()]
+        w = torch.sigmoid(k - lam) * abar.double()[t]
     elif kind == "min_snr":
         # Min-SNR-gamma for a v-loss: min(SNR, gamma) / (SNR + 1); SNR = exp(lambda) = 0 at the zsnr step -> 0
         snr = torch.exp(lam)
@@ -104,7 +105,7 @@ def loss_weight(t, abar, kind="sigmoid", k=5.0, gamma=5.0):
         w = torch.ones_like(lam)
     else:
         raise ValueError(f"unknown loss weighting {kind!r}; choose one of {WEIGHTINGS}")
-    return w.float().to(t.device)
+    return w.float()
 
 
 # -----------------------------------------------------------------------------

@@ -124,6 +124,7 @@ amp = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=
 if device_type == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True  # few shapes (one per bucket): let cuDNN time its conv algorithms
 if master_process:
     os.makedirs(out_dir, exist_ok=True)
     print(f"global batch {imgs_per_iter} = {batch_size} micro x {grad_accum} accum x {ddp_world_size} procs")
@@ -133,15 +134,6 @@ if master_process:
 resume = init_from == "resume"
 ckpt = torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=False) if resume else None
 base = ckpt["base"] if resume else init_from  # what the run started from, even when resuming
-
-
-def fetch(spec):
-    """hf:REPO/FILE -> local path through huggingface_hub's cache; anything else is a local path."""
-    if not spec.startswith("hf:"):
-        return spec
-    from huggingface_hub import hf_hub_download
-    owner, name, filename = spec[3:].split("/", 2)
-    return hf_hub_download(f"{owner}/{name}", filename)
 
 
 def make_tiny_start(path):
@@ -158,7 +150,7 @@ if base == "random":  # SDXL-shaped random weights, for benchmarks: same weights
         sdxl = model.SDXL()
     model.init_random_(sdxl, seed=seed)
 else:
-    path = fetch(base)
+    path = model.fetch(base)
     if tiny_size and not os.path.exists(path):
         if master_process:
             make_tiny_start(path)
@@ -172,6 +164,8 @@ unet = sdxl.unet
 unet.requires_grad_(True)
 unet.train()
 unet.grad_ckpt = grad_ckpt
+if device_type == "cuda":
+    unet.to(memory_format=torch.channels_last)  # cuDNN's fast convolutions are NHWC
 if precision == "bf16":  # halves weight and grad memory; AdamW8bit then writes back with stochastic rounding
     if optimizer != "adamw8bit":
         print(f"WARNING: pure bf16 weights with {optimizer} round each update to nearest: at lr < 1e-5 most "
@@ -239,7 +233,7 @@ if resume:
 train_unet = unet
 if compile:
     print("compiling the UNet (the first step takes minutes on SDXL)")
-    train_unet = torch.compile(unet)
+    train_unet = torch.compile(unet, fullgraph=True)
 if ddp:
     train_unet = DDP(train_unet, device_ids=[ddp_local_rank] if device_type == "cuda" else None)
 
@@ -251,6 +245,8 @@ def forward_loss(batch, t, noise):
     """mean_i m(t_i) * ||target_i - out_i||^2 / (C H W); returns (loss, per-sample unweighted MSE)."""
     x0 = batch["latents"]
     z = schedule.add_noise(x0, noise, t, abar)
+    if device_type == "cuda":
+        z = z.contiguous(memory_format=torch.channels_last)
     target = schedule.v_target(x0, noise, t, abar) if prediction == "v" else noise
     y = model.build_y(batch["pooled"], batch["time_ids"])
     with amp:
@@ -445,8 +441,14 @@ if master_process:
 # the training loop
 
 t0 = time.time()
-log = {"loss": 0.0, "n": 0, "bins": torch.zeros(10), "bin_n": torch.zeros(10), "imgs": 0, "flops": 0.0}
+def new_log():  # per-interval sums, kept on the device: nothing in the step waits for the host but the skip test
+    return {"loss": torch.zeros((), device=device), "n": 0, "bins": torch.zeros(10, device=device),
+            "bin_n": torch.zeros(10, device=device), "imgs": 0, "flops": 0.0}
+
+
+log = new_log()
 consecutive = 0
+first_iter = iter_num
 while iter_num < max_iters:
     lr_now, betas_now = get_lr(iter_num), get_betas(iter_num)
     for group in opt.param_groups:
@@ -470,9 +472,9 @@ while iter_num < max_iters:
             loss = loss * float("nan")
         (loss / grad_accum).backward()
         loss_sum += loss.detach() / grad_accum
-        tb = (t // (T // 10)).clamp(max=9).cpu()
-        log["bins"].index_add_(0, tb, mse.detach().float().cpu())
-        log["bin_n"].index_add_(0, tb, torch.ones(b))
+        tb = (t // (T // 10)).clamp(max=9)
+        log["bins"].index_add_(0, tb, mse.detach().float())
+        log["bin_n"].index_add_(0, tb, torch.ones(b, device=device))
         log["imgs"] += b * ddp_world_size
         log["flops"] += b * ddp_world_size * flops_per_image(*batch["latents"].shape[-2:])
 
@@ -483,6 +485,8 @@ while iter_num < max_iters:
         ok = ok.float()
         torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
         ok = ok.bool()
+    # the one host sync of the step: bitsandbytes has no on-device skip, and a skipped step must not
+    # touch the optimizer state (its moments and step count)
     if bool(ok):
         opt.step()
         consecutive = 0
@@ -492,8 +496,11 @@ while iter_num < max_iters:
         print(f"iter {iter_num}: non-finite loss/grad (loss {loss_sum.item():.4g}, grad norm {gnorm.item():.4g}), step skipped")
     opt.zero_grad(set_to_none=True)
     iter_num += 1
-    log["loss"] += loss_sum.item() if bool(ok) else 0.0
-    log["n"] += int(bool(ok))
+    if iter_num == first_iter + 1 and master_process:  # on CUDA this step compiled the UNet: report it apart
+        print(f"first step (compile, cuDNN autotune) {time.time() - t0:.1f} s")
+    if bool(ok):
+        log["loss"] += loss_sum
+        log["n"] += 1
 
     if consecutive >= max_skips:
         save_ckpt(iter_num)
@@ -507,15 +514,16 @@ while iter_num < max_iters:
         mfu = f"{100 * log['flops'] / dt / (peak * 1e12):.1f}%" if peak else "-"
         mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}GiB" if device_type == "cuda" else "-"
         eta = (max_iters - iter_num) * dt / log_interval
-        bins = (log["bins"] / log["bin_n"].clamp(min=1)).tolist()
-        print(f"iter {iter_num}: loss {log['loss'] / max(1, log['n']):.5f}, lr {lr_now:.3g}, betas ({betas_now[0]:.4f}, "
+        bins, bin_n = (log["bins"] / log["bin_n"].clamp(min=1)).tolist(), log["bin_n"].tolist()
+        loss_avg = log["loss"].item() / max(1, log["n"])
+        print(f"iter {iter_num}: loss {loss_avg:.5f}, lr {lr_now:.3g}, betas ({betas_now[0]:.4f}, "
               f"{betas_now[1]:.4f}), gnorm {gnorm.item():.3g}, {ips:.2f} img/s, {1000 * dt / log_interval:.0f} ms/it, "
               f"mfu {mfu}, mem {mem}, skipped {skipped}, eta {eta / 60:.1f} min")
-        print("  t-bin mse " + " ".join(f"{v:.4f}" if n else "-" for v, n in zip(bins, log["bin_n"].tolist())))
+        print("  t-bin mse " + " ".join(f"{v:.4f}" if n else "-" for v, n in zip(bins, bin_n)))
         if wandb_log:
-            wandb.log({"iter": iter_num, "loss": log["loss"] / max(1, log["n"]), "lr": lr_now, "img_s": ips,
+            wandb.log({"iter": iter_num, "loss": loss_avg, "lr": lr_now, "img_s": ips,
                        **{f"mse_bin{i}": v for i, v in enumerate(bins)}})
-        log = {"loss": 0.0, "n": 0, "bins": torch.zeros(10), "bin_n": torch.zeros(10), "imgs": 0, "flops": 0.0}
+        log = new_log()
         t0 = time.time()
 
     if eval_interval and (iter_num % eval_interval == 0 or iter_num == max_iters) and master_process:
