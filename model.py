@@ -560,12 +560,22 @@ def stochastic_round_bf16(x, generator=None):
     return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)  # exact: low bits are zero
 
 
+def _dense(x):
+    """A contiguous view of a dense tensor's storage: channels_last conv weights (and their grads) become
+    NHWC views, so an elementwise kernel sees one flat buffer and the parameter keeps its layout."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1)
+    return x
+
+
 def _adamw8bit(bnb, seed):
-    """bitsandbytes AdamW8bit with two changes. (1) Its step() synchronises the device after every tensor
+    """bitsandbytes AdamW8bit with three changes. (1) Its step() synchronises the device after every tensor
     (needed only for paged state): 1680 host syncs per SDXL step; this one queues all updates and lets the
-    stream order them. (2) bf16 weights keep sub-ulp updates (math.md §7): each tensor's update runs in
-    fp32 on a temporary copy and is written back with stochastic rounding, so memory grows by one fp32
-    copy of the largest tensor instead of fp32 master weights for all of them."""
+    stream order them. (2) Its update_step() makes every parameter contiguous (`p.data = p.data.contiguous()`),
+    which silently turns channels_last weights back to NCHW after the first step (and breaks a UNet
+    compiled for channels_last); here each update runs on a contiguous view of the same storage. (3) bf16
+    weights keep sub-ulp updates (math.md §7): the update runs in fp32 on a temporary copy and is written
+    back with stochastic rounding: one fp32 copy of one tensor at a time instead of fp32 master weights."""
     class AdamW8bit(bnb.optim.AdamW8bit):
         @torch.no_grad()
         def step(self, closure=None):
@@ -578,24 +588,23 @@ def _adamw8bit(bnb, seed):
                 for pindex, p in enumerate(group["params"]):
                     if p.grad is None:
                         continue
-                    if len(self.state[p]) == 0:
-                        self.init_state(group, p, gindex, pindex)
-                    self.update_step(group, p, gindex, pindex)
-
-        @torch.no_grad()
-        def update_step(self, group, p, gindex, pindex):
-            if p.dtype != torch.bfloat16:
-                return super().update_step(group, p, gindex, pindex)
-            if not hasattr(self, "sr_gen"):
-                self.sr_gen = torch.Generator(device=p.device).manual_seed(seed)
-            q = p.detach().float()
-            q.grad = p.grad.float()
-            self.state[q] = self.state[p]  # the same state dict, updated in place
-            try:
-                super().update_step(group, q, gindex, pindex)
-            finally:
-                del self.state[q]
-            p.copy_(stochastic_round_bf16(q, self.sr_gen))
+                    view = _dense(p.detach())
+                    grad = p.grad
+                    if grad.stride() != p.stride():  # give the grad the parameter's layout
+                        grad = torch.empty_strided(p.shape, p.stride(), dtype=grad.dtype, device=grad.device).copy_(grad)
+                    q = view.float() if p.dtype == torch.bfloat16 else view  # q shares p's storage in fp32
+                    q.grad = _dense(grad).to(q.dtype)
+                    self.state[q] = self.state[p]  # one state dict, found by p in state_dict()
+                    try:
+                        if len(self.state[q]) == 0:
+                            self.init_state(group, q, gindex, pindex)
+                        self.update_step(group, q, gindex, pindex)
+                    finally:
+                        del self.state[q]
+                    if p.dtype == torch.bfloat16:
+                        if not hasattr(self, "sr_gen"):
+                            self.sr_gen = torch.Generator(device=p.device).manual_seed(seed)
+                        view.copy_(stochastic_round_bf16(q, self.sr_gen))
     return AdamW8bit
 
 

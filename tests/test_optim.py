@@ -38,3 +38,25 @@ def test_bf16_sr_moves_weights_like_fp32_masters():
     assert 0.8 < slope(sr) < 1.2, slope(sr)
     # each element moves a whole bf16 ulp with probability update/ulp: few move, but the expected move is right
     assert (sr != 0).float().mean() > 10 * (nearest != 0).float().mean()
+
+
+def test_channels_last_weights_keep_their_layout_and_update():
+    # bitsandbytes' own update_step makes parameters contiguous; ours must not. The reference is a plain
+    # contiguous parameter holding the same numbers in NHWC order: the same storage order, so the 8-bit
+    # blockwise quantisation (blocks of 256 consecutive elements) sees the same blocks and must agree exactly.
+    g = torch.Generator().manual_seed(1)
+    for shape in ((8, 16, 3, 3), (64, 32, 3, 3)):  # 1152 elements: 32-bit state; 18432: 8-bit state
+        w0 = torch.randn(shape, generator=g)
+        grads = [torch.randn(shape, generator=g) for _ in range(3)]
+        cl = torch.nn.Parameter(w0.clone().contiguous(memory_format=torch.channels_last))
+        ref = torch.nn.Parameter(w0.permute(0, 2, 3, 1).contiguous())
+        opt_cl = model.configure_optimizer([cl], "adamw8bit", lr=1e-2, weight_decay=0.1)
+        opt_ref = model.configure_optimizer([ref], "adamw8bit", lr=1e-2, weight_decay=0.1)
+        for gr in grads:
+            cl.grad = gr.clone()  # a contiguous grad: the optimizer gives it the parameter's layout
+            ref.grad = gr.permute(0, 2, 3, 1).contiguous()
+            opt_cl.step()
+            opt_ref.step()
+        assert cl.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(cl.detach().permute(0, 2, 3, 1), ref.detach())
+        assert not torch.equal(cl.detach(), w0)
