@@ -89,9 +89,21 @@ def _help(g, keys):
         print(f"  --{k}={g[k]!r}".ljust(width + 2) + (f"  # {notes[k]}" if k in notes else ""))
 
 
-def configure(g, argv=None):
-    """Apply config files and --key=value overrides to the globals dict g; returns the final config dict."""
-    argv = sys.argv[1:] if argv is None else argv
+def configure(g, argv=None, exit_on_error=None):
+    """Apply config files and --key=value overrides to the globals dict g; returns the final config dict.
+    A bad argument ends a command-line run with one line (exit_on_error defaults to True when argv is
+    sys.argv's); called with an explicit argv it raises ValueError / FileNotFoundError instead."""
+    if exit_on_error is None:
+        exit_on_error = argv is None
+    try:
+        return _configure(g, sys.argv[1:] if argv is None else argv)
+    except (ValueError, FileNotFoundError) as e:
+        if not exit_on_error:
+            raise
+        sys.exit(f"config error: {e}")
+
+
+def _configure(g, argv):
     keys = config_keys(g)
     if any(a in ("-h", "--help") for a in argv):
         _help(g, keys)

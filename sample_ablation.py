@@ -27,6 +27,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -317,7 +318,10 @@ def main():
     check_sampling(pds)  # before anything slow
     plist = read_prompts(prompts)
     path = model.fetch(ckpt)
-    sdxl = model.load_checkpoint(path, device=dev, dtype=torch.float32).eval()
+    try:
+        sdxl = model.load_checkpoint(path, device=dev, dtype=torch.float32).eval()
+    except (model.CheckpointError, FileNotFoundError) as e:
+        sys.exit(f"cannot load {path}: {e}")
     tok_spec = tokenizer
     if not tok_spec:
         exported = os.path.join(os.path.dirname(os.path.abspath(path)), "diffusers")

@@ -156,7 +156,10 @@ else:
             make_tiny_start(path)
         if ddp:
             torch.distributed.barrier()
-    sdxl = model.load_checkpoint(path, device=device, dtype=torch.float32)
+    try:
+        sdxl = model.load_checkpoint(path, device=device, dtype=torch.float32)
+    except (model.CheckpointError, FileNotFoundError) as e:  # one line that names the bad keys, no traceback
+        sys.exit(f"cannot load {path}: {e}")
 if resume:
     sdxl.unet.load_state_dict(ckpt["unet"])
 sdxl.requires_grad_(False)

@@ -172,3 +172,14 @@ def test_ddp_update_equals_single_process(assets):
     assert den > 0
     assert (num / den) ** 0.5 < 1e-3, f"relative difference of the updates {(num / den) ** 0.5:.2e}"
     assert len(b["per_rank"]) == 2
+
+
+def test_bad_start_checkpoint_is_one_clear_line(assets, tmp_path):
+    d, common = assets
+    bad = tmp_path / "truncated.safetensors"
+    bad.write_bytes((d / "start.safetensors").read_bytes()[:5000])
+    r = run(tmp_path / "out", [a for a in common if not a.startswith("--init_from")], f"--init_from={bad}", check=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(f"cannot load {bad}")
+    r = run(tmp_path / "out", common, "--batchsize=2", check=False)
+    assert r.returncode != 0 and r.stderr.strip() == "config error: unknown config key 'batchsize'; did you mean --batch_size?"
