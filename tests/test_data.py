@@ -580,3 +580,25 @@ def test_batch_speed_from_cache(synth, tmp_path, capsys):
     with capsys.disabled():
         print(f"\nloader: {rate:.0f} images/s of batches from the RAM-held cache (batch 8, 64x64 images)")
     assert rate > 0  # speed is reported, never asserted (targets live in bench.py)
+
+
+def test_batch_speed_sdxl_sizes(capsys):
+    """Batch production at SDXL sizes (1024^2 latents, 77x2048 context) from RAM-held tensors, as data.Cache
+    serves them after its first read. Reported, not asserted."""
+    class RAM:
+        lat = [torch.randn(4, 128, 128) for _ in range(16)]
+        ctx = [torch.randn(77, 2048) for _ in range(16)]
+        pool = [torch.randn(1280) for _ in range(16)]
+
+        def load(self, items):
+            return tuple(torch.stack([src[it.index] for it in items]) for src in (self.lat, self.ctx, self.pool))
+    items = [data.Item(index=i, path="", rel=f"{i}.png", caption="", file_hash="", orig_hw=(1024, 1024),
+                       bucket=(1024, 1024), resized_hw=(1024, 1024), crop_tl=(0, 0), flip=False) for i in range(16)]
+    loader = data.Loader(items, RAM(), 4, seed=0, verbose=False)
+    loader.next_batch()
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < 2.0:
+        n += loader.next_batch()["latents"].shape[0]
+    with capsys.disabled():
+        print(f"\nloader: {n / (time.perf_counter() - t0):.0f} images/s of SDXL-size batches (batch 4, 1024^2)")
+    assert n > 0
