@@ -17,10 +17,12 @@ import json
 import math
 import os
 import platform
+import queue
 import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from contextlib import nullcontext
 
@@ -340,7 +342,7 @@ def gather(obj):
 
 
 def save_ckpt(it):
-    per_rank = gather({"rng": rng_state(), "loader": loader.state_dict()})
+    per_rank = gather({"rng": rng_state(), "loader": loader_state})
     if master_process:
         atomic_torch_save({"unet": unet.state_dict(), "optimizer": opt.state_dict(), "iter_num": it,
                            "base": base, "per_rank": per_rank, "skipped": skipped, "config": config,
@@ -381,6 +383,33 @@ if resume:
     set_rng_state(mine["rng"])
     print(f"resumed from {out_dir}/ckpt.pt at iter {iter_num}")
     del ckpt
+loader_state = loader.state_dict()  # the loader's state after the last batch the loop consumed
+
+
+def prefetch(loader, depth=2):
+    """Yields (batch, loader state after it), built on a thread so that reading and stacking the cached
+    tensors overlaps the GPU step; pinned memory makes the copy to the GPU asynchronous. The loader is
+    deterministic and touches only its own generators, so the batches are the same as without the thread."""
+    q = queue.Queue(depth)
+
+    def work():
+        try:
+            while True:
+                b = loader.next_batch()
+                if device_type == "cuda":
+                    b = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()}
+                q.put((b, loader.state_dict()))
+        except Exception as e:  # hand it to the training loop
+            q.put(e)
+    threading.Thread(target=work, daemon=True).start()
+    while True:
+        item = q.get()
+        if isinstance(item, Exception):
+            raise item
+        yield item
+
+
+batches = prefetch(loader)
 
 # SIGINT/SIGTERM: finish the current step, write ckpt.pt, exit
 stop_signal = None
@@ -461,7 +490,8 @@ while iter_num < max_iters:
 
     loss_sum = torch.zeros((), device=device)
     for micro in range(grad_accum):
-        batch = to_device(loader.next_batch())
+        batch, loader_state = next(batches)
+        batch = to_device(batch)
         b = batch["latents"].shape[0]
         # t and noise are drawn for the whole global batch from an RNG seeded alike on every process, and each
         # process takes its slice: N processes then compute exactly the single-process update
