@@ -200,12 +200,14 @@ cache = data.build_cache(items, sdxl, tok, cache_dir or os.path.join(out_dir, "c
 loader = data.Loader(train_set, cache, batch_size=batch_size, rank=ddp_rank, world=ddp_world_size,
                      seed=seed, caption_dropout=caption_dropout)  # rank 0 prints the bucket histogram
 
-# previews and evals need the text encoders and VAE only through cached outputs: move them off the GPU
+# after caching, the text encoders are needed only for the preview prompts: encode those, then move the
+# encoders off the GPU (the VAE stays, to decode previews)
 preview_text = None
 if sample_interval and master_process:
     import sample_ablation
     preview_text = sample_ablation.encode_prompts(sdxl, tok, list(sample_prompts), device)
-sdxl.te1.to("cpu"), sdxl.te2.to("cpu")
+sdxl.te1.to("cpu")
+sdxl.te2.to("cpu")
 
 # -----------------------------------------------------------------------------
 # schedule, optimizer, lr and betas
@@ -298,7 +300,8 @@ def preview(it):
     n = len(sample_prompts)
     h = w = resolution
     g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(n, 4, h // 8, w // 8, generator=g).to(device)
+    f = 2 ** (len(sdxl.cfg.vae.ch_mult) - 1)  # the VAE's downsampling factor (8 in SDXL)
+    noise = torch.randn(n, sdxl.cfg.unet.in_channels, h // f, w // f, generator=g).to(device)
     unet.eval()
     imgs = sample_ablation.generate(sdxl, context, pooled, noise, abar, sample_steps, prediction, guidance,
                                     cfg_phi, h, w)
@@ -360,7 +363,6 @@ def export():
                                           "scaled_linear", "zsnr": zsnr, "timestep_spacing": "trailing",
                                           "num_train_timesteps": T}),
             "training_config": json.dumps(recipe)}
-    sdxl.te1.to(device), sdxl.te2.to(device)
     path = os.path.join(out_dir, "model.safetensors")
     dt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[export_dtype]
     model.save_checkpoint(sdxl, path, v_pred=prediction == "v", ztsnr=zsnr, metadata=meta, dtype=dt)
