@@ -113,11 +113,9 @@ if device_type == "cuda":
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True  # one shape for the whole run: let cuDNN pick its conv algorithms
 torch.manual_seed(seed)
-PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0,
-               "L40S": 362.0, "4090": 165.0, "A6000": 155.0, "L4": 121.0, "B200": 2250.0}  # dense bf16, as train.py
 if device_type == "cuda":
     dev_name = torch.cuda.get_device_name(device)
-    peak = peak_tflops or next((v for key, v in PEAK_TFLOPS.items() if key in dev_name), 0.0)
+    peak = peak_tflops or model.peak_tflops(dev_name)
 else:
     dev_name, peak = platform.processor() or "cpu", peak_tflops
 print(f"device {dev_name}, torch {torch.__version__}, {torch.get_num_threads()} threads, precision {precision}, "

@@ -550,6 +550,18 @@ def init_random_(model: nn.Module, seed=0):
     return model
 
 # -----------------------------------------------------------------------------
+# dense bf16 peak of the devices we know, for MFU (train.py and bench.py); longest name first wins
+
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0,
+               "L40S": 362.0, "4090": 165.0, "A6000": 155.0, "L4": 121.0, "B200": 2250.0}
+
+
+def peak_tflops(device_name):
+    """Dense bf16 TFLOP/s for a CUDA device name, 0.0 when unknown (MFU is then not printed)."""
+    return next((v for key, v in PEAK_TFLOPS.items() if key in device_name), 0.0)
+
+
+# -----------------------------------------------------------------------------
 # optimizers (as nanoGPT's configure_optimizers: train.py and bench.py build them the same way)
 
 def stochastic_round_bf16(x, generator=None):

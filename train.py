@@ -248,19 +248,22 @@ if ddp:
 # one loss evaluation: the whole recipe is these lines
 
 
-def forward_loss(batch, t, noise):
-    """mean_i m(t_i) * ||target_i - out_i||^2 / (C H W); returns (loss, per-sample unweighted MSE)."""
+def per_sample_mse(net, batch, t, noise):
+    """||target_i - out_i||^2 / (C H W) for each sample: the training target on the training schedule."""
     x0 = batch["latents"]
     z = schedule.add_noise(x0, noise, t, abar)
     if device_type == "cuda":
         z = z.contiguous(memory_format=torch.channels_last)
     target = schedule.v_target(x0, noise, t, abar) if prediction == "v" else noise
-    y = model.build_y(batch["pooled"], batch["time_ids"])
     with amp:
-        out = train_unet(z, t, batch["context"], y)
-    mse = (out.float() - target).pow(2).mean(dim=(1, 2, 3))  # (B,)
-    w = schedule.loss_weight(t, abar, weighting, k, gamma)
-    return (w * mse).mean(), mse
+        out = net(z, t, batch["context"], model.build_y(batch["pooled"], batch["time_ids"]))
+    return (out.float() - target).pow(2).mean(dim=(1, 2, 3))  # (B,)
+
+
+def forward_loss(batch, t, noise):
+    """mean_i m(t_i) * mse_i; returns (loss, per-sample unweighted MSE)."""
+    mse = per_sample_mse(train_unet, batch, t, noise)
+    return (schedule.loss_weight(t, abar, weighting, k, gamma) * mse).mean(), mse
 
 
 def to_device(batch):
@@ -281,15 +284,11 @@ def evaluate():
     sums = torch.zeros(10)
     for items in groups.values():
         batch = to_device(data.collate(items, cache))
-        x0, y = batch["latents"], model.build_y(batch["pooled"], batch["time_ids"])
+        shape = batch["latents"].shape
         for i, t_val in enumerate(EVAL_T.tolist()):
-            noise = torch.randn(x0.shape, generator=g).to(device)
-            t = torch.full((x0.shape[0],), t_val, dtype=torch.long, device=device)
-            z = schedule.add_noise(x0, noise, t, abar)
-            target = schedule.v_target(x0, noise, t, abar) if prediction == "v" else noise
-            with amp:
-                out = unet(z, t, batch["context"], y)
-            sums[i // 3] += (out.float() - target).pow(2).mean(dim=(1, 2, 3)).sum().item()
+            noise = torch.randn(shape, generator=g).to(device)
+            t = torch.full((shape[0],), t_val, dtype=torch.long, device=device)
+            sums[i // 3] += per_sample_mse(unet, batch, t, noise).sum().item()
     unet.train()
     return (sums / (3 * len(eval_set))).tolist()
 
@@ -429,12 +428,7 @@ signal.signal(signal.SIGTERM, on_signal)
 # -----------------------------------------------------------------------------
 # logging helpers: run.json, FLOPs for MFU, the per-line stats
 
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0,
-               "A6000": 155.0, "L4": 121.0, "B200": 2250.0}
-peak = peak_tflops
-if not peak and device_type == "cuda":
-    name = torch.cuda.get_device_name(device)
-    peak = next((v for key, v in PEAK_TFLOPS.items() if key in name), 0.0)
+peak = peak_tflops or (model.peak_tflops(torch.cuda.get_device_name(device)) if device_type == "cuda" else 0.0)
 flops_cache = {}
 
 
