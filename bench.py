@@ -25,6 +25,7 @@ FLOPs: counted once with torch.utils.flop_counter.FlopCounterMode on the meta de
 forward + backward, without checkpointing (model FLOPs; recomputation is not credited). MFU is against the
 dense bf16 peak of the device (table below, or --peak_tflops).
 """
+import dataclasses
 import gc
 import os
 import platform
@@ -69,6 +70,7 @@ seed = 1337  # weights and inputs
 peak_tflops = 0.0  # device peak for MFU; 0 = look up the device table
 # bench only
 model_size = "auto"  # auto (init_from / tiny_size decide) | tiny | full (tiny and full use random weights)
+width = 0  # random models: model_channels override (the full topology's 1680 tensors at a CPU size); 0 = as built
 compare = ""  # '' | 'diffusers': also time diffusers' UNet2DConditionModel on the identical step
 compile_diffusers = True  # False: leave diffusers' UNet eager even with compile=True (saves one compile)
 channels_last = torch.cuda.is_available()  # channels_last memory format for both UNets (cuDNN convs)
@@ -140,6 +142,8 @@ def build_unet():
         unet = model.load_checkpoint(path, device="cpu", dtype=torch.float32).unet
     else:
         cfg = model.SDXLConfig.tiny() if size == "tiny" else model.SDXLConfig()
+        if width:
+            cfg.unet = dataclasses.replace(cfg.unet, model_channels=width)
         with torch.device("meta"):
             unet = model.UNet(cfg.unet)
         unet = model.init_random_(unet.to_empty(device=device), seed=seed)

@@ -60,3 +60,134 @@ def test_channels_last_weights_keep_their_layout_and_update():
         assert cl.is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(cl.detach().permute(0, 2, 3, 1), ref.detach())
         assert not torch.equal(cl.detach(), w0)
+
+
+def make_params(seed=2, dtype=torch.float32):
+    # sizes on both sides of bnb's 4096-element 8-bit threshold, most not multiples of its 256 block
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(300, 70), (64, 32, 3, 3), (4096,), (5000,), (10, 10), (77,), (33, 3, 1, 1), (9000, 3)]
+    return [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in shapes]
+
+
+def drive(params, opt, steps, seed=3, first=0):
+    """Steps first..steps-1 of a fixed grad sequence, lr and betas changed between steps as train.py's ramps do."""
+    g = torch.Generator().manual_seed(seed)
+    for i in range(steps):
+        grads = [torch.randn(p.shape, generator=g).to(p.dtype) for p in params]
+        if i < first:
+            continue
+        for group in opt.param_groups:
+            group["lr"], group["betas"] = 1e-2 / (i + 1), (0.9 + 0.01 * i, 0.95 + 0.005 * i)
+        for p, gr in zip(params, grads):
+            p.grad = gr  # bnb takes it as it is; ours copies it into its flat grad buffer
+        opt.step()
+        opt.zero_grad()
+
+
+def test_flat_buffers_give_bitsandbytes_numbers_exactly():
+    import bitsandbytes as bnb
+    ours, ref = make_params(), make_params()
+    opt = model.configure_optimizer(ours, "adamw8bit", lr=1e-2, weight_decay=0.1)
+    stock = bnb.optim.AdamW8bit([{"params": [p for p in ref if p.dim() >= 2], "weight_decay": 0.1},
+                                 {"params": [p for p in ref if p.dim() < 2], "weight_decay": 0.0}], lr=1e-2)
+    drive(ours, opt, 5)
+    drive(ref, stock, 5)
+    assert len(opt.buffers) == 4  # (decay, no decay) x (8-bit, 32-bit state)
+    chunked = make_params()
+    opt = model.configure_optimizer(chunked, "adamw8bit", lr=1e-2, weight_decay=0.1)
+    opt.chunk = 512  # kernel calls over whole 256-blocks give the same numbers
+    drive(chunked, opt, 5)
+    ours += chunked
+    ref += ref
+    for a, b in zip(ours, ref):
+        assert torch.equal(a.detach(), b.detach()), a.shape
+    big = next(i for i, p in enumerate(ref) if p.numel() >= 4096 and p.dim() >= 2)
+    buf, n = opt.buffers[0], ref[big].numel()  # its 8-bit moments are bnb's too
+    assert torch.equal(buf["state1"][:n], stock.state[ref[big]]["state1"].flatten())
+    assert torch.equal(buf["absmax2"][:-(-n // 256)], stock.state[ref[big]]["absmax2"])
+
+
+def test_one_kernel_call_per_buffer_and_views_that_autograd_fills():
+    cfg = model.SDXLConfig.tiny().unet
+    unet = model.init_random_(model.UNet(cfg), seed=0).to(memory_format=torch.channels_last)
+    ps = list(unet.parameters())
+    opt = model.configure_optimizer(ps, "adamw8bit")
+    conv = unet.input_blocks[0][0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    flat = {b["p"].untyped_storage().data_ptr() for b in opt.buffers}
+    assert {p.untyped_storage().data_ptr() for p in ps} == flat and len(flat) == len(opt.buffers) >= 3
+    z = torch.randn(1, cfg.in_channels, 8, 8)
+    y = torch.randn(1, cfg.adm_in_channels)
+    unet(z, torch.tensor([10]), torch.randn(1, 77, cfg.context_dim), y).square().mean().backward()
+    assert all(p.grad is g for b in opt.buffers for p, g in zip(b["params"], b["grads"]))
+    assert sum(b["g"].count_nonzero().item() for b in opt.buffers) > 0.9 * sum(p.numel() for p in ps)
+    calls = []
+    real = opt.bnbF
+    opt.bnbF = type("Spy", (), {n: staticmethod(lambda *a, n=n, **k: calls.append(n) or getattr(real, n)(*a, **k))
+                                for n in ("optimizer_update_8bit_blockwise", "optimizer_update_32bit")})
+    before = conv.detach().clone()
+    opt.chunk = 1 << 30  # one chunk per buffer, as on CUDA
+    opt.step()
+    assert len(calls) == len(opt.buffers) < len(ps) / 50, calls
+    assert not torch.equal(conv.detach(), before) and conv.is_contiguous(memory_format=torch.channels_last)
+    unet.to(torch.float64)
+    try:
+        opt.step()
+        raise AssertionError("a moved model must be refused")
+    except RuntimeError as e:
+        assert "build the optimizer last" in str(e)
+
+
+def test_state_dict_resumes_exactly_fp32_and_bf16():
+    for dtype in (torch.float32, torch.bfloat16):
+        straight = make_params(dtype=dtype)
+        opt = model.configure_optimizer(straight, "adamw8bit", lr=1e-2, seed=5)
+        drive(straight, opt, 4, seed=7)
+        first = make_params(dtype=dtype)
+        opt1 = model.configure_optimizer(first, "adamw8bit", lr=1e-2, seed=5)
+        drive(first, opt1, 2, seed=7)
+        saved = {"w": [p.detach().clone() for p in first], "opt": opt1.state_dict()}
+        import io
+        f = io.BytesIO()
+        torch.save(saved, f)
+        f.seek(0)
+        saved = torch.load(f, weights_only=True)
+        second = make_params(seed=99, dtype=dtype)  # other numbers: everything must come from the state
+        for p, w in zip(second, saved["w"]):
+            p.data.copy_(w)
+        opt2 = model.configure_optimizer(second, "adamw8bit", lr=1e-2, seed=0)
+        opt2.load_state_dict(saved["opt"])
+        drive(second, opt2, 4, seed=7, first=2)
+        for a, b in zip(straight, second):
+            assert torch.equal(a.detach(), b.detach()), (dtype, a.shape)
+    try:
+        model.configure_optimizer(make_params()[:3], "adamw8bit").load_state_dict(opt1.state_dict())
+        raise AssertionError("a state for other parameters must be refused")
+    except ValueError as e:
+        assert "different set of parameters" in str(e)
+
+
+def test_compiled_training_steps_on_flat_views_match_eager():
+    # Dynamo + AOTAutograd (aot_eager: no Inductor codegen, seconds on CPU) see parameters that alias one flat
+    # buffer, and grads that must land in the flat grad buffer; two steps on each side must agree
+    from dataclasses import replace
+    cfg = replace(model.SDXLConfig.tiny().unet, channel_mult=(1, 2), num_res_blocks=1, transformer_depth=(0, 1))
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.randn(2, 4, 8, 8, generator=g).contiguous(memory_format=torch.channels_last),
+             torch.tensor([3, 999]), torch.randn(2, 77, cfg.context_dim, generator=g),
+             torch.randn(2, cfg.adm_in_channels, generator=g))
+    torch._dynamo.reset()
+    sides = []
+    for backend in (None, "aot_eager"):
+        unet = model.init_random_(model.UNet(cfg), seed=0).to(memory_format=torch.channels_last)
+        opt = model.configure_optimizer(unet.parameters(), "adamw8bit", lr=1e-3)
+        net = torch.compile(unet, fullgraph=True, backend=backend) if backend else unet
+        for _ in range(2):
+            net(*batch).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        sides.append(unet)
+    for a, b in zip(sides[0].parameters(), sides[1].parameters()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert not all(torch.equal(a, b) for a, b in zip(sides[0].parameters(),
+                                                      model.init_random_(model.UNet(cfg), seed=0).parameters()))
