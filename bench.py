@@ -73,6 +73,8 @@ model_size = "auto"  # auto (init_from / tiny_size decide) | tiny | full (tiny a
 width = 0  # random models: model_channels override (the full topology's 1680 tensors at a CPU size); 0 = as built
 compare = ""  # '' | 'diffusers': also time diffusers' UNet2DConditionModel on the identical step
 compile_diffusers = True  # False: leave diffusers' UNet eager even with compile=True (saves one compile)
+compile_mode = "default"  # torch.compile mode for both UNets: default | max-autotune-no-cudagraphs | ...
+sdpa = ""  # '' = torch's choice | flash | cudnn | efficient | math: allow only that attention backend (CUDA)
 channels_last = torch.cuda.is_available()  # channels_last memory format for both UNets (cuDNN convs)
 warmup = 3  # untimed steps after the first (compiling) step
 iters = 10 if torch.cuda.is_available() else 1  # timed steps per window (CPU: windows alternate step by step)
@@ -114,6 +116,10 @@ if device_type == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True  # one shape for the whole run: let cuDNN pick its conv algorithms
+    if sdpa:  # SDPA dispatches at run time, so this holds for compiled graphs too
+        assert sdpa in ("flash", "cudnn", "efficient", "math"), f"sdpa must be flash|cudnn|efficient|math, got {sdpa!r}"
+        for name, on in (("flash", "flash"), ("cudnn", "cudnn"), ("mem_efficient", "efficient"), ("math", "math")):
+            getattr(torch.backends.cuda, f"enable_{name}_sdp")(sdpa == on)
 torch.manual_seed(seed)
 if device_type == "cuda":
     dev_name = torch.cuda.get_device_name(device)
@@ -121,7 +127,7 @@ if device_type == "cuda":
 else:
     dev_name, peak = platform.processor() or "cpu", peak_tflops
 print(f"device {dev_name}, torch {torch.__version__}, {torch.get_num_threads()} threads, precision {precision}, "
-      f"dtype {dtype}, compile {compile}, channels_last {channels_last}, grad_ckpt {grad_ckpt}, {optimizer}")
+      f"dtype {dtype}, compile {compile} ({compile_mode}), sdpa {sdpa or 'auto'}, channels_last {channels_last}, grad_ckpt {grad_ckpt}, {optimizer}")
 
 # -----------------------------------------------------------------------------
 # the model (only the UNet: VAE and text encoders are not part of the step)
@@ -223,7 +229,8 @@ def make_side(name, net, call, compiled):
 def start(side):
     """Optimizer + compile wrapper (built here so that a parked model is on the device first), first step, warm-up."""
     # ours must compile without graph breaks (fullgraph); diffusers' UNet is compiled as it comes
-    side["fwd"] = torch.compile(side["net"], fullgraph=side["name"] == "ours") if side["compiled"] else side["net"]
+    side["fwd"] = (torch.compile(side["net"], fullgraph=side["name"] == "ours", mode=compile_mode)
+                   if side["compiled"] else side["net"])
     side["opt"] = make_optimizer([p for p in side["net"].parameters() if p.requires_grad])
     if device_type == "cuda":
         torch.cuda.synchronize()

@@ -87,6 +87,8 @@ device = "cuda" if torch.cuda.is_available() else "cpu"  # cuda | cpu | cuda:N
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # compute dtype (autocast)
 precision = "amp"  # amp: fp32 master weights + autocast; bf16: pure bf16 weights, updates kept by stochastic rounding (adamw8bit)
 compile = torch.cuda.is_available()  # torch.compile the UNet (the uncompiled module is what gets saved)
+compile_warm = True  # compile every training bucket before step 1 (cost printed); False: at each bucket's first batch
+compile_backend = "inductor"  # torch.compile backend (the tests use aot_eager: no codegen)
 grad_ckpt = False  # per-block gradient checkpointing (+33% FLOPs; for small-memory cards)
 seed = 1337  # seeds the data order, caption dropout, t and noise (the same on every process)
 peak_tflops = 0.0  # device peak for MFU; 0 = look up the device table
@@ -238,9 +240,14 @@ if resume:
     opt.load_state_dict(ckpt["optimizer"])
 
 train_unet = unet
+train_buckets = sorted({it.bucket for it in train_set})
 if compile:
-    print("compiling the UNet (the first step takes minutes on SDXL)")
-    train_unet = torch.compile(unet, fullgraph=True)
+    # Inductor specialises the latent size (mark_dynamic on h, w fails with a ConstraintViolationError), so each
+    # bucket is its own static graph. Dynamo allows 8 per function by default and, under fullgraph=True, the
+    # 9th bucket would stop the run with FailOnRecompileLimitHit hours in: make room for every bucket.
+    torch._dynamo.config.automatic_dynamic_shapes = False
+    torch._dynamo.config.recompile_limit = max(8, len(train_buckets) + 2)
+    train_unet = torch.compile(unet, fullgraph=True, backend=compile_backend)
 if ddp:
     train_unet = DDP(train_unet, device_ids=[ddp_local_rank] if device_type == "cuda" else None)
 
@@ -464,6 +471,27 @@ if master_process:
     if wandb_log:
         import wandb
         wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+
+if compile and compile_warm:
+    # pay every bucket's compile (and cuDNN autotune) now, where it is timed, not inside the run: one
+    # forward+backward per bucket at t = 0 with zero noise (no random numbers drawn, so resume stays exact);
+    # the grads are zeroed, the optimizer never sees them
+    tw = time.time()
+    for bucket in train_buckets:
+        tb = time.time()
+        items = [it for it in train_set if it.bucket == bucket]
+        batch = to_device(data.collate((items * batch_size)[:batch_size], cache))
+        if ddp:
+            train_unet.require_backward_grad_sync = False
+        forward_loss(batch, torch.zeros(batch_size, dtype=torch.long, device=device),
+                     torch.zeros_like(batch["latents"]))[0].backward()
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        if master_process:
+            print(f"compiled bucket {bucket[0]}x{bucket[1]}: {time.time() - tb:.1f} s")
+    opt.zero_grad(set_to_none=True)
+    if master_process:
+        print(f"compiled {len(train_buckets)} buckets in {time.time() - tw:.1f} s")
 
 # -----------------------------------------------------------------------------
 # the training loop

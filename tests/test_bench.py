@@ -72,7 +72,7 @@ def test_flops_match_an_independent_count(default_run):
 
 def test_bf16_grad_ckpt_profile_paths(tmp_path):
     """The 24 GB mode's code paths (pure bf16 weights + per-block checkpointing, batch 1) and the profiler trace."""
-    lines = run_bench("--precision=bf16", "--dtype=bfloat16", "--grad_ckpt=True", "--optimizer=adamw",
+    lines = run_bench("--precision=bf16", "--dtype=bfloat16", "--grad_ckpt=True", "--optimizer=adamw8bit",
                       "--rounds=1", "--warmup=0", "--profile=True", f"--out_dir={tmp_path}")
     assert re.fullmatch(r"ratio \d+\.\d\d", lines[-1]), lines[-1]
     assert any(l.startswith("equivalence:") and l.endswith(": ok") for l in lines)

@@ -184,3 +184,27 @@ def test_bad_start_checkpoint_is_one_clear_line(assets, tmp_path):
     assert r.stderr.strip().splitlines()[-1].startswith(f"cannot load {bad}")
     r = run(tmp_path / "out", common, "--batchsize=2", check=False)
     assert r.returncode != 0 and r.stderr.strip() == "config error: unknown config key 'batchsize'; did you mean --batch_size?"
+
+
+def test_compiled_run_warms_every_bucket_past_dynamo_limit(tmp_path):
+    # 9 buckets (> Dynamo's default 8 graphs per function, where fullgraph=True turns the 9th bucket into
+    # FailOnRecompileLimitHit mid-run; SDXL's 1024^2 buckets are 13): each compiles once before step 1, none
+    # during the loop, and the warm-up leaves the run equal to the eager one (Dynamo's eager backend: the
+    # tracing and recompile logic without Inductor's minutes of codegen)
+    sizes = "((288, 672), (320, 608), (352, 544), (384, 512), (416, 480), (448, 448), (480, 416), (512, 384), " \
+            "(544, 352), (608, 320), (672, 288))"
+    common = [f"--dataset_dir={tmp_path}/images", f"--tokenizer={tmp_path}/tokenizer", f"--cache_dir={tmp_path}/cache",
+              f"--init_from={tmp_path}/start.safetensors", "--make_synthetic=22", f"--synthetic_sizes={sizes}",
+              "--resolution=448", "--batch_size=1", "--eval_items=1", "--eval_interval=0", "--ckpt_interval=0",
+              "--max_iters=3"]
+    run(tmp_path / "eager", common)
+    env = dict(os.environ, TORCH_LOGS="recompiles")
+    r = subprocess.run([sys.executable, "train.py", "config/tiny.py", f"--out_dir={tmp_path}/compiled", *common,
+                        "--compile=True", "--compile_backend=eager"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=900, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    n = int(next(l for l in r.stdout.splitlines() if l.startswith("compiled ") and "buckets in" in l).split()[1])
+    assert n >= 9 and r.stdout.count("compiled bucket ") == n
+    assert r.stderr.count("Recompiling function forward") == n - 1, "a bucket compiled twice, or inside the loop"
+    a, b = ckpt(tmp_path / "eager"), ckpt(tmp_path / "compiled")
+    assert all(torch.equal(a["unet"][k], b["unet"][k]) for k in a["unet"])
