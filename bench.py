@@ -394,7 +394,7 @@ else:
             trace(s)
         s["ips"] = report(s)
         s["net"].to("cpu")
-        s["opt"] = s["fwd"] = None  # free the optimizer state (and grads are already None) before the next side
+        s["opt"] = s["fwd"] = None  # free the optimizer state (.to("cpu") took weights and grads) before the next side
         if device_type == "cuda":
             torch.cuda.empty_cache()
 
