@@ -4,6 +4,7 @@ tensors of the real shapes), noise + t, the v target, the per-t loss weight, for
 the optimizer step. Optionally runs the identical step on diffusers' UNet2DConditionModel built with the
 equivalent config and the same weights (converted with diffusers' own convert_ldm_unet_checkpoint), checks
 once that both give the same forward output, and prints `ratio X.XX` (our images/s over diffusers') last.
+On the full UNet at 1024^2 on a GPU, a `target:` line says whether each of perf.md's targets (below) is met.
 
     python bench.py config/tiny.py --compare=diffusers          # CPU, offline, tiny model (tests/test_bench.py)
     python bench.py config/tiny.py --profile=True                # + torch.profiler trace in out_dir
@@ -82,6 +83,10 @@ rounds = 3 if torch.cuda.is_available() else 30  # timing windows per model
 threads = 1  # torch threads on CPU, 0 = default (2 OpenMP threads on 2 busy shared cores stall at each barrier)
 profile = False  # write a torch.profiler chrome trace of a few steps per model to out_dir
 # -----------------------------------------------------------------------------
+# perf.md's targets, judged on the full SDXL UNet at 1024^2 on one CUDA GPU (printed as met/missed there)
+TARGET_IMGS_PER_S = 20.0  # default mode (fp32 master + bf16, compiled), batch 4: >= 41% MFU on an H100
+TARGET_RATIO = 1.3  # ours / diffusers, the identical step with the same compile setting
+TARGET_24GB_GIB = 24.0  # 24 GB mode (pure bf16 + per-block checkpointing, batch 1): allocated peak
 
 
 def train_keys():
@@ -317,7 +322,8 @@ def report(side):
     f, bw, c, o, tot = (statistics.median(col) for col in zip(*side["times"]))
     ips = batch_size / (tot / 1e3)
     mfu = f"{100 * side['flops'] * ips / (peak * 1e12):.1f}%" if peak else "-"
-    mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device_type == "cuda" else "-"
+    side["mem"] = torch.cuda.max_memory_allocated(device) / 2**30 if device_type == "cuda" else 0.0
+    mem = f"{side['mem']:.1f} GiB" if device_type == "cuda" else "-"
     n = len(list(side["net"].parameters()))
     print(f"{side['name']}: {ips:.3f} img/s, {tot:.1f} ms/step (fwd {f:.1f}, bwd {bw:.1f}, clip {c:.1f}, "
           f"opt {o:.1f} ms over {n} tensors), {side['flops'] / 1e12:.4g} TFLOP/img, mfu {mfu}, peak mem {mem}, "
@@ -398,5 +404,15 @@ else:
         if device_type == "cuda":
             torch.cuda.empty_cache()
 
+if device_type == "cuda" and resolution == 1024 and sum(p.numel() for p in unet.parameters()) > 2e9:
+    ours, verdict = sides[0], lambda ok: "met" if ok else "missed"
+    if precision == "amp" and not grad_ckpt and batch_size == 4:
+        print(f"target: {ours['ips']:.2f} img/s >= {TARGET_IMGS_PER_S} (compile {compile}): "
+              f"{verdict(ours['ips'] >= TARGET_IMGS_PER_S)}")
+        if compare:
+            r = ours["ips"] / sides[1]["ips"]
+            print(f"target: ratio {r:.2f} >= {TARGET_RATIO}: {verdict(r >= TARGET_RATIO)}")
+    if precision == "bf16" and grad_ckpt and batch_size == 1:
+        print(f"target: peak {ours['mem']:.1f} GiB <= {TARGET_24GB_GIB}: {verdict(ours['mem'] <= TARGET_24GB_GIB)}")
 if compare:
     print(f"ratio {sides[0]['ips'] / sides[1]['ips']:.2f}")

@@ -12,7 +12,7 @@ STAGES=${STAGES:-"parity eager compiled 24gb train"}
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/device.txt"
-F='^(device|UNet|equivalence|ours|diffusers|ratio)'
+F='^(device|UNet|equivalence|ours|diffusers|target|ratio)'
 B="python3 bench.py --init_from=random --resolution=1024"
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 # model parity at 1024x1024 (fp32 and bf16) + eager forward/backward cost at batch 1 and 4
