@@ -618,18 +618,16 @@ class FlatAdamW8bit(torch.optim.Optimizer):
         for p, o in zip(ps, offsets):  # the old storage of each parameter is freed as it moves
             p.data = flat_p.as_strided(p.shape, p.stride(), o).copy_(p.data)
             p.grad = flat_g.as_strided(p.shape, p.stride(), o)
-        buf = {"group": gi, "p": flat_p, "g": flat_g, "params": ps, "offsets": offsets,
-               "grads": [p.grad for p in ps], "ptrs": [p.data_ptr() for p in ps]}
+        buf = {"group": gi, "p": flat_p, "g": flat_g, "params": ps, "grads": [p.grad for p in ps],
+               "ptrs": [p.data_ptr() for p in ps]}
+        state = torch.uint8 if eight else torch.float32  # the 8-bit state carries one fp32 absmax per block
+        buf.update(state1=torch.zeros(n, dtype=state, device=dev), state2=torch.zeros(n, dtype=state, device=dev))
         if eight:
-            z8, za = (lambda: torch.zeros(n, dtype=torch.uint8, device=dev)), (
-                lambda: torch.zeros(n // BNB_BLOCK, dtype=torch.float32, device=dev))
-            buf.update(state1=z8(), state2=z8(), absmax1=za(), absmax2=za())
-        else:
-            buf.update(state1=torch.zeros(n, device=dev), state2=torch.zeros(n, device=dev))
+            buf.update(absmax1=torch.zeros(n // BNB_BLOCK, device=dev), absmax2=torch.zeros(n // BNB_BLOCK, device=dev))
         return buf
 
     def _check(self, buf):
-        for i, (p, g, ptr) in enumerate(zip(buf["params"], buf["grads"], buf["ptrs"])):
+        for p, g, ptr in zip(buf["params"], buf["grads"], buf["ptrs"]):
             if p.data_ptr() != ptr:
                 raise RuntimeError(f"parameter {tuple(p.shape)} no longer lives in the optimizer's flat buffer (was "
                                    "the model moved or cast after configure_optimizer?): build the optimizer last")
