@@ -582,7 +582,7 @@ class FlatAdamW8bit(torch.optim.Optimizer):
 
     Why: bnb steps tensor by tensor (1680 on the SDXL UNet), each a Python call, a custom-op dispatch and a
     kernel launch, and it synchronises the device after each one; on an H200 that step took 97 ms of a
-    426 ms batch-4 step while moving ~40 GB, ~10 ms of HBM time. Here every parameter and its grad become
+    426 ms batch-4 step. Here every parameter and its grad become
     views into one buffer per (param group, 8/32-bit state), each tensor starting on a 256-element block
     boundary, so the blockwise quantisation sees exactly the blocks it sees per tensor (the zero padding
     leaves every absmax alone) and one kernel call updates a whole buffer.

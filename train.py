@@ -88,7 +88,7 @@ dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # compute dtype 
 precision = "amp"  # amp: fp32 master weights + autocast; bf16: pure bf16 weights, updates kept by stochastic rounding (adamw8bit)
 compile = torch.cuda.is_available()  # torch.compile the UNet (the uncompiled module is what gets saved)
 compile_warm = True  # compile every training bucket before step 1 (cost printed); False: at each bucket's first batch
-compile_backend = "inductor"  # torch.compile backend (the tests use aot_eager: no codegen)
+compile_backend = "inductor"  # torch.compile backend (the tests use Dynamo's eager: no codegen)
 grad_ckpt = False  # per-block gradient checkpointing (+33% FLOPs; for small-memory cards)
 seed = 1337  # seeds the data order, caption dropout, t and noise (the same on every process)
 peak_tflops = 0.0  # device peak for MFU; 0 = look up the device table
@@ -477,12 +477,12 @@ if compile and compile_warm:
     # forward+backward per bucket at t = 0 with zero noise (no random numbers drawn, so resume stays exact);
     # the grads are zeroed, the optimizer never sees them
     tw = time.time()
+    if ddp:  # no gradient all-reduce for these
+        train_unet.require_backward_grad_sync = False
     for bucket in train_buckets:
         tb = time.time()
         items = [it for it in train_set if it.bucket == bucket]
         batch = to_device(data.collate((items * batch_size)[:batch_size], cache))
-        if ddp:
-            train_unet.require_backward_grad_sync = False
         forward_loss(batch, torch.zeros(batch_size, dtype=torch.long, device=device),
                      torch.zeros_like(batch["latents"]))[0].backward()
         if device_type == "cuda":
