@@ -237,7 +237,11 @@ def get_betas(it):
 opt = model.configure_optimizer(unet.parameters(), optimizer, lr, get_betas(0), adam_eps, weight_decay,
                                 fused=device_type == "cuda", seed=seed)
 if resume:
-    opt.load_state_dict(ckpt["optimizer"])
+    try:
+        opt.load_state_dict(ckpt["optimizer"])
+    except (ValueError, KeyError) as e:  # another optimizer, or another parameter set: one line, nothing written
+        sys.exit(f"cannot resume the {optimizer} optimizer from {out_dir}/ckpt.pt: its saved state is another "
+                 f"optimizer's or for other parameters ({e!r})")
 
 train_unet = unet
 train_buckets = sorted({it.bucket for it in train_set})

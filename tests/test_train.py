@@ -182,6 +182,17 @@ def test_bad_start_checkpoint_is_one_clear_line(assets, tmp_path):
     r = run(tmp_path / "out", [a for a in common if not a.startswith("--init_from")], f"--init_from={bad}", check=False)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith(f"cannot load {bad}")
+    # a checkpoint whose optimizer state is not this optimizer's: one line, the checkpoint left as it was
+    if not (d / "two_steps.pt").exists():
+        run(d / "two", common, "--max_iters=2")
+        os.replace(d / "two" / "ckpt.pt", d / "two_steps.pt")
+    (tmp_path / "res").mkdir()
+    os.link(d / "two_steps.pt", tmp_path / "res" / "ckpt.pt")
+    before = (tmp_path / "res" / "ckpt.pt").read_bytes()
+    r = run(tmp_path / "res", common, "--init_from=resume", "--optimizer=adamw", "--max_iters=3", check=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("cannot resume the adamw optimizer")
+    assert (tmp_path / "res" / "ckpt.pt").read_bytes() == before
     r = run(tmp_path / "out", common, "--batchsize=2", check=False)
     assert r.returncode != 0 and r.stderr.strip() == "config error: unknown config key 'batchsize'; did you mean --batch_size?"
 
