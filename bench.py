@@ -4,12 +4,12 @@ tensors of the real shapes), noise + t, the v target, the per-t loss weight, for
 the optimizer step. Optionally runs the identical step on diffusers' UNet2DConditionModel built with the
 equivalent config and the same weights (converted with diffusers' own convert_ldm_unet_checkpoint), checks
 once that both give the same forward output, and prints `ratio X.XX` (our images/s over diffusers') last.
-On the full UNet at 1024^2 on a GPU, a `target:` line says whether each of perf.md's targets (below) is met.
+On the full UNet at 1024^2 on a GPU, a `target:` line says whether each target (below, docs/performance.md §3) is met.
 
     python bench.py config/tiny.py --compare=diffusers          # CPU, offline, tiny model (tests/test_bench.py)
     python bench.py config/tiny.py --profile=True                # + torch.profiler trace in out_dir
     # 1 GPU, SDXL base UNet with random weights, 1024^2, batch 4: amp (fp32 master + bf16), compile,
-    # channels_last, AdamW8bit -- the perf.md target (>= 20 img/s, >= 1.3x diffusers)
+    # channels_last, AdamW8bit -- the targets (>= 20 img/s, >= 1.3x diffusers)
     python bench.py --init_from=random --resolution=1024 --batch_size=4 --compare=diffusers
     # the 24 GB mode: pure bf16 weights + per-block gradient checkpointing, batch 1
     python bench.py --init_from=random --resolution=1024 --batch_size=1 --precision=bf16 --grad_ckpt=True
@@ -36,8 +36,12 @@ from contextlib import nullcontext
 
 import torch
 
+import checkpoint
 import configurator
+import export
 import model
+import optim
+import perf
 import schedule
 
 # -----------------------------------------------------------------------------
@@ -83,10 +87,10 @@ rounds = 3 if torch.cuda.is_available() else 30  # timing windows per model
 threads = 1  # torch threads on CPU, 0 = default (2 OpenMP threads on 2 busy shared cores stall at each barrier)
 profile = False  # write a torch.profiler chrome trace of a few steps per model to out_dir
 # -----------------------------------------------------------------------------
-# perf.md's targets, judged on the full SDXL UNet at 1024^2 on one CUDA GPU (printed as met/missed there)
+# the targets (docs/performance.md §3), judged on the full SDXL UNet at 1024^2 on one CUDA GPU (printed as met/missed there)
 TARGET_IMGS_PER_S = 20.0  # default mode (fp32 master + bf16, compiled), batch 4: >= 41% MFU on an H100
 TARGET_RATIO = 1.3  # ours / diffusers, the identical step with the same compile setting
-TARGET_24GB_GIB = 24.0  # 24 GB mode (pure bf16 + per-block checkpointing, batch 1): allocated peak
+TARGET_24GB_GIB = 21.0  # 24 GB mode (pure bf16 + per-block checkpointing, batch 1): allocated peak, room left on a 24 GB card
 
 
 def train_keys():
@@ -128,7 +132,7 @@ if device_type == "cuda":
 torch.manual_seed(seed)
 if device_type == "cuda":
     dev_name = torch.cuda.get_device_name(device)
-    peak = peak_tflops or model.peak_tflops(dev_name)
+    peak = peak_tflops or perf.peak_tflops(dev_name)
 else:
     dev_name, peak = platform.processor() or "cpu", peak_tflops
 print(f"device {dev_name}, torch {torch.__version__}, {torch.get_num_threads()} threads, precision {precision}, "
@@ -139,18 +143,14 @@ print(f"device {dev_name}, torch {torch.__version__}, {torch.get_num_threads()} 
 
 
 def build_unet():
-    path = init_from
-    if path.startswith("hf:") and model_size == "auto":
-        from huggingface_hub import hf_hub_download
-        owner, name, filename = path[3:].split("/", 2)
-        path = hf_hub_download(f"{owner}/{name}", filename)
+    path = checkpoint.fetch(init_from) if model_size == "auto" and init_from != "random" else init_from
     size = model_size if model_size != "auto" else ("full" if init_from == "random" else "file"
                                                     if os.path.isfile(path) else "tiny" if tiny_size else "missing")
     if size == "missing":
         raise SystemExit(f"init_from {init_from!r} is not a file: use --init_from=random (full-size SDXL, random "
                          "weights), --model_size=tiny, or a config with tiny_size=True")
     if size == "file":
-        unet = model.load_checkpoint(path, device="cpu", dtype=torch.float32).unet
+        unet = checkpoint.load_checkpoint(path, device="cpu", dtype=torch.float32).unet
     else:
         cfg = model.SDXLConfig.tiny() if size == "tiny" else model.SDXLConfig()
         if width:
@@ -163,27 +163,12 @@ def build_unet():
     return unet.to(device)
 
 
-def diffusers_config(u):
-    """The UNet2DConditionModel config equal to model.UNetConfig u (sdxl_format.md, 'diffusers equivalent')."""
-    assert u.transformer_depth_middle == u.transformer_depth[-1], "diffusers: middle depth = last level's depth"
-    attn = [d > 0 for d in u.transformer_depth]
-    return dict(sample_size=128, in_channels=u.in_channels, out_channels=u.out_channels,
-                layers_per_block=u.num_res_blocks, block_out_channels=[u.model_channels * m for m in u.channel_mult],
-                down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
-                up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
-                attention_head_dim=[max(1, u.model_channels * m // u.head_dim) for m in u.channel_mult],  # head counts
-                transformer_layers_per_block=[max(1, d) for d in u.transformer_depth],
-                cross_attention_dim=u.context_dim, use_linear_projection=True, norm_num_groups=u.num_groups,
-                addition_embed_type="text_time", addition_time_embed_dim=model.TIME_ID_DIM,
-                projection_class_embeddings_input_dim=u.adm_in_channels)
-
-
 def build_diffusers(ours):
     """diffusers' UNet with our weights, converted by diffusers' own sgm -> diffusers converter (copies, not views)."""
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
     from diffusers.utils import logging
-    cfg = diffusers_config(ours.cfg)
+    cfg = export.diffusers_unet_config(ours.cfg)
     sgm = {"model.diffusion_model." + k: v.detach().clone() for k, v in ours.state_dict().items()}
     with torch.device("meta"):
         theirs = UNet2DConditionModel(**cfg)
@@ -215,8 +200,8 @@ def call_diffusers(net, z, t, b):  # the same y, built inside diffusers from (po
 
 
 def make_optimizer(params):  # as train.py, for both sides
-    return model.configure_optimizer(params, optimizer, lr, (beta1, beta2), adam_eps, weight_decay,
-                                     fused=device_type == "cuda", seed=seed)
+    return optim.configure_optimizer(params, optimizer, lr, (beta1, beta2), adam_eps, weight_decay,
+                                    fused=device_type == "cuda", seed=seed)
 
 
 def make_side(name, net, call, compiled):

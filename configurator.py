@@ -12,6 +12,10 @@ which applies, left to right (later wins):
 - `--key=value`: the value is parsed with ast.literal_eval (never exec); if that fails it is a string.
 Fixes over nanoGPT: an unknown key fails naming the close matches; an int is accepted for a float; bools
 accept true/false/yes/no/1/0; `--help` lists every key with its default and comment.
+
+A user's mistake (a bad key or value, a missing file, a run folder that holds another run) is a UserError,
+raised where it is found, anywhere in the repo; configure() makes every entry script print it as one line on
+stderr and exit with status 2, with no traceback (tracebacks are kept for bugs).
 """
 import ast
 import difflib
@@ -22,6 +26,18 @@ import types
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 _BOOL = {"true": True, "false": False, "yes": True, "no": False, "1": True, "0": False, "on": True, "off": False}
+
+
+class UserError(ValueError):
+    """Something the user asked for cannot be done as asked; the message says what to do instead."""
+
+
+def _user_error_hook(kind, err, tb):
+    if issubclass(kind, UserError):
+        sys.stdout.flush()
+        print(err, file=sys.stderr, flush=True)
+        os._exit(2)  # after a hook the interpreter would exit 1; the finally blocks on the way up have run
+    sys.__excepthook__(kind, err, tb)
 
 
 def config_keys(g):
@@ -95,12 +111,14 @@ def configure(g, argv=None, exit_on_error=None):
     sys.argv's); called with an explicit argv it raises ValueError / FileNotFoundError instead."""
     if exit_on_error is None:
         exit_on_error = argv is None
+    if exit_on_error:
+        sys.excepthook = _user_error_hook
     try:
         return _configure(g, sys.argv[1:] if argv is None else argv)
     except (ValueError, FileNotFoundError) as e:
         if not exit_on_error:
             raise
-        sys.exit(f"config error: {e}")
+        raise UserError(f"config error: {e}") from None
 
 
 def _configure(g, argv):
@@ -115,7 +133,11 @@ def _configure(g, argv):
             path = _find_file(arg)
             print(f"config: {path}")
             ns = {k: g[k] for k in keys}
-            exec(compile(open(path, encoding="utf-8").read(), path, "exec"), ns)
+            try:
+                exec(compile(open(path, encoding="utf-8").read(), path, "exec"), ns)
+            except Exception as e:  # the user's Python: say where, not a traceback into this file
+                line = getattr(e, "lineno", None) or (e.__traceback__.tb_next.tb_lineno if e.__traceback__.tb_next else "?")
+                raise ValueError(f"{path} line {line}: {type(e).__name__}: {e}") from None
             for k, v in ns.items():
                 if k.startswith("_") or isinstance(v, (types.ModuleType, types.FunctionType, type)):
                     continue

@@ -1,10 +1,10 @@
 """
-The miniature reproduction: the whole uptrain (math.md §1, §5, §6) on a small SDXL-topology model, offline, on
-2 CPU cores in about 30 minutes. It uses the real pipeline (train.py, sample_ablation.py) unchanged.
+The miniature reproduction: the whole uptrain (docs/maths.md §1, §5, §6) on a small SDXL-topology model, offline,
+on 2 CPU cores in about 30 minutes. It uses the real pipeline (train.py, sample_ablation.py) unchanged.
 
-    python config/mini_repro.py                       # writes out/mini/ and copies the results to assets/mini/
-    python config/mini_repro.py --out=out/mini2 --assets=   # another folder, no copy to assets/
-    python config/mini_repro.py --help                # every key
+    python mini_repro.py                              # writes out/mini/ and copies the results to assets/mini/
+    python mini_repro.py --out=out/mini2 --assets=    # another folder, no copy to assets/
+    python mini_repro.py --help                       # every key
 
 Stages, each timed and printed:
   1. data     synthetic 64x64 captioned shapes (data.make_synthetic_dataset). The first eval_items by path are held
@@ -14,7 +14,7 @@ Stages, each timed and printed:
               SDXL scale 0.13025 then holds for this VAE, bit-for-bit the same decoder output.
   3. start    start checkpoint (trained VAE, random frozen text encoders, random UNet) + BPE vocabulary
   4. eps      python train.py config/mini_eps.py      the "SDXL base": epsilon, beta_end 0.012, no zsnr
-  5. vpred    python train.py config/mini_vpred.py    the seed's recipe: v, 0.024 + zsnr, sigmoid k=5, AdamW8bit,
+  5. vpred    python train.py config/mini_vpred.py    the recipe: v, 0.024 + zsnr, sigmoid k=5, AdamW8bit,
               after a 1-step lr=0 run that evaluates the eps model read as v (step 0 of the progress curve)
   6. ablation sample_ablation.py on both exports: four-panel grids + per-t-bin tables on the held-out images
   7. report   progress curve PNG (PIL), results.json, summary table; PNGs + JSON copied to assets/mini/
@@ -26,8 +26,7 @@ import sys
 # here: with another job on the 2 cores, spinning OpenMP threads made a VAE step 5-8x slower, sleeping ones 2x.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+REPO = os.path.dirname(os.path.abspath(__file__))
 
 import json
 import math
@@ -38,9 +37,11 @@ import time
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+import checkpoint
 import configurator
 import data
 import model
+import tokenizer
 
 # -----------------------------------------------------------------------------
 out = "out/mini"  # everything the run makes: images/, tokenizer/, start.safetensors, eps/, v0/, vpred/, ablation_*
@@ -50,7 +51,7 @@ eval_items = 16  # held out everywhere (the first by path); = eval_items of both
 vae_ch = 64  # VAE width: with GroupNorm's fixed 32 groups, 32 channels would be 1 per group = instance norm,
 #              which erases each image's absolute colour (a flat latent offset barely changes the decoded colour)
 vae_ch_mult = (1, 1, 2)  # 3 levels = 4x downsampling: 64x64 images -> 16x16x4 latents (8x with 4 levels costs
-#                          the same per pixel but 128x128 images are 4x the pixels, beyond the CPU budget)
+#                          the same per pixel but 128x128 images are 4x the pixels: too slow for 2 CPU cores)
 vae_steps = 900  # optimizer steps of batch vae_batch (~0.5 s each on 2 free cores)
 vae_batch = 8
 vae_lr = 2e-3  # peak; linear warmup over 50 steps, cosine down to 10%
@@ -204,10 +205,10 @@ def main():
     side.save(P("vae_recon.png"))
 
     stage("start")  # -----------------------------------------------------------------------------------------
-    data.build_tiny_vocab(P("tokenizer"), [it.caption for it in items])
+    tokenizer.build_tiny_vocab(P("tokenizer"), [it.caption for it in items])
     sdxl = model.SDXL(cfg)  # constructor init: random text encoders (frozen from here on) and a random UNet
     sdxl.first_stage_model.load_state_dict(vae.state_dict())
-    model.save_checkpoint(sdxl, P("start.safetensors"), v_pred=False, ztsnr=False,
+    checkpoint.save_checkpoint(sdxl, P("start.safetensors"), v_pred=False, ztsnr=False,
                           metadata={"note": f"mini_repro start: VAE {vae_steps} steps, held-out PSNR {psnr:.2f}"})
     with open(P("prompts.txt"), "w") as f:  # the ablation's rows: captions of held-out images
         f.write("\n".join(it.caption for it in items[:4]) + "\n")

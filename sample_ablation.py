@@ -1,6 +1,6 @@
 """
-The sampling ablation of math.md §5: one labelled grid, rows = prompts (x seeds), columns = panels, each panel a
-sampler schedule plus a reading of the model's output. The default four panels are the seed's:
+The sampling ablation of docs/maths.md §5: one labelled grid, rows = prompts (x seeds), columns = panels, each panel a
+sampler schedule plus a reading of the model's output. The default four panels are the recipe's:
   1. training schedule (beta_end 0.024) + zero terminal SNR, output read as v
   2. 0.024 without zsnr, read as v
   3. pretrain schedule 0.012, read as v
@@ -13,7 +13,7 @@ Text encoders and VAE come from the same single-file checkpoint.
 Next to the pictures, a quantitative ablation (--quant=True): on a fixed held-out set of latents, per t-bin (10 bins
 of 100) the MSE of the model's output against the v target and the eps target (training schedule), and the x0
 reconstruction error under each panel's schedule and reading. A v-uptrained model has low v-error at high t where
-the eps reading fails; an eps model the reverse (math.md §6). Printed as a table and saved in the JSON.
+the eps reading fails; an eps model the reverse (docs/maths.md §6). Printed as a table and saved in the JSON.
 
 Launch:
     python sample_ablation.py --ckpt=out/tiny/model.safetensors --out=out/tiny/ablation.png --steps=4   # CPU, tiny
@@ -34,10 +34,13 @@ from contextlib import nullcontext
 
 import torch
 
+import cache
+import checkpoint
 import configurator
 import data
 import model
 import schedule
+import tokenizer as clip_tokenizer
 
 # -----------------------------------------------------------------------------
 ckpt = ""  # single-file sgm checkpoint: local .safetensors or hf:REPO/FILE
@@ -45,7 +48,7 @@ out = "ablation.png"  # grid PNG; the JSON with the exact settings goes beside i
 tokenizer = ""  # vocab.json + merges.txt folder (or one with tokenizer/ inside) or hf:REPO; '' = <ckpt dir>/diffusers if train.py exported it there, else hf:stabilityai/stable-diffusion-xl-base-1.0
 prompts = ""  # file with one prompt per line, or 'p1|p2|...'; '' = the built-in prompts
 seeds = [0]  # rows = prompts x seeds; every panel of a row starts from the same noise
-panels = [(0.024, True, "v"), (0.024, False, "v"), (0.012, False, "v"), (0.012, False, "eps")]  # columns: (beta_end, zsnr, prediction v|eps[, label]); default = math.md §5's four
+panels = [(0.024, True, "v"), (0.024, False, "v"), (0.012, False, "v"), (0.012, False, "eps")]  # columns: (beta_end, zsnr, prediction v|eps[, label]); default = the four of docs/maths.md §5
 steps = 25  # DDIM steps, trailing spacing: the first step is t=999
 guidance = 5.0  # CFG scale; 1.0 = no unconditional branch
 phi = 0.7  # CFG rescale (Lin et al. §3.4); 0 = plain CFG
@@ -81,7 +84,7 @@ def panel_list(specs):
 
 
 def check_sampling(panel_dicts):
-    """Fail before sampling: an eps reading on a zero-SNR schedule divides by alpha = 0 at t=999 (math.md §3)."""
+    """Fail before sampling: an eps reading on a zero-SNR schedule divides by alpha = 0 at t=999 (docs/maths.md §3)."""
     for p in panel_dicts:
         if p["prediction"] == "eps" and p["zsnr"]:
             raise ValueError(f"panel {p['label']!r}: an eps reading on a zero-terminal-SNR schedule is undefined at "
@@ -95,8 +98,8 @@ def initial_noise(seeds, shape):
 
 def encode_prompts(sdxl, tok, prompts, device):
     """Prompts -> (context (B, 77, ctx), pooled (B, P)) on device, fp32; te1 pads with EOS, te2 with 0 (SDXL)."""
-    t1, t2 = data.tokenize(tok, list(prompts))
-    context, pooled = data.encode_captions(sdxl.encode_text, t1, t2, device)
+    t1, t2 = clip_tokenizer.tokenize(tok, list(prompts))
+    context, pooled = cache.encode_captions(sdxl.encode_text, t1, t2, device)
     return context.to(device), pooled.to(device)
 
 
@@ -265,7 +268,7 @@ def held_out(sdxl, tok, folder, n, H, W, seed, device):
     try:
         items = data.scan_dataset(folder, buckets=[(H, W)], seed=seed, min_pixels=0)[:n]
         assert items, f"no images in {folder}"
-        mean = torch.cat([data.encode_images(sdxl.vae, items[i:i + 4], device) for i in range(0, len(items), 4)])
+        mean = torch.cat([cache.encode_images(sdxl.vae, items[i:i + 4], device) for i in range(0, len(items), 4)])
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -317,17 +320,17 @@ def main():
     pds = panel_list(panels)
     check_sampling(pds)  # before anything slow
     plist = read_prompts(prompts)
-    path = model.fetch(ckpt)
+    path = checkpoint.fetch(ckpt)
     try:
-        sdxl = model.load_checkpoint(path, device=dev, dtype=torch.float32).eval()
-    except (model.CheckpointError, FileNotFoundError) as e:
+        sdxl = checkpoint.load_checkpoint(path, device=dev, dtype=torch.float32).eval()
+    except (checkpoint.CheckpointError, FileNotFoundError) as e:
         sys.exit(f"cannot load {path}: {e}")
     tok_spec = tokenizer
     if not tok_spec:
         exported = os.path.join(os.path.dirname(os.path.abspath(path)), "diffusers")
         has = os.path.isfile(os.path.join(exported, "tokenizer", "vocab.json"))
         tok_spec = exported if has else "hf:stabilityai/stable-diffusion-xl-base-1.0"
-    tok = data.load_tokenizer(tok_spec)
+    tok = clip_tokenizer.load_tokenizer(tok_spec)
     tiny = sdxl.cfg.unet.model_channels < 320
     H = height or (128 if tiny else 1024)
     W = width or H

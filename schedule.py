@@ -1,7 +1,7 @@
 """
 The noise schedule, the v target, the loss weightings and the DDIM sampler, as free functions.
 
-Everything here is the maths of math.md, one formula per function, with the paper next to it:
+Everything here is the maths of docs/maths.md, one formula per function, with the paper next to it:
 - DDPM scaled-linear betas (Rombach et al. 2022, the SD/SDXL schedule), computed in float64;
 - zero terminal SNR rescale (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are
   Flawed", arXiv 2305.08891, Algorithm 1), trailing timesteps (§3.3) and CFG rescale (§3.4);
@@ -13,8 +13,6 @@ Everything here is the maths of math.md, one formula per function, with the pape
 Schedule arrays stay float64 (as in guided-diffusion's gaussian_diffusion.py) and are cast at use, so the
 zero-SNR step is exactly 0.0 and every log / reciprocal of it is guarded here, in one place.
 """
-import math
-
 import numpy as np
 import torch
 
@@ -34,12 +32,6 @@ def alphas_cumprod(beta_end=0.012, zsnr=False, beta_start=0.00085, num_timesteps
         abar = s ** 2
         abar[-1] = 0.0  # exact, not 1e-20 from rounding
     return abar
-
-
-def betas_from_abar(abar):
-    """beta_t = 1 - abar_t / abar_{t-1} (beta_0 = 1 - abar_0); 1.0 exactly at a zero-SNR last step."""
-    alphas = torch.cat([abar[:1], abar[1:] / abar[:-1]])
-    return 1.0 - alphas
 
 
 def log_snr(abar):
@@ -69,20 +61,8 @@ def v_target(x0, noise, t, abar):
     return a.sqrt() * noise - (1 - a).sqrt() * x0
 
 
-def x0_from_v(z, v, t, abar):
-    """x_hat = alpha z - sigma v_hat; well defined at alpha = 0, where it is -v_hat."""
-    a = _at(abar, t, z)
-    return a.sqrt() * z - (1 - a).sqrt() * v
-
-
-def eps_from_v(z, v, t, abar):
-    """eps_hat = sigma z + alpha v_hat."""
-    a = _at(abar, t, z)
-    return (1 - a).sqrt() * z + a.sqrt() * v
-
-
 # -----------------------------------------------------------------------------
-# loss weighting: a per-sample multiplier m(t) on the per-sample v-MSE (math.md §4)
+# loss weighting: a per-sample multiplier m(t) on the per-sample v-MSE (docs/maths.md §4)
 
 WEIGHTINGS = ("sigmoid", "kg_sigmoid", "min_snr", "none")
 
@@ -92,7 +72,7 @@ def loss_weight(t, abar, kind="sigmoid", k=5.0, gamma=5.0):
     abar = abar.to(t.device)  # index on t's device: no host sync in the training step
     lam = log_snr(abar)[t]  # float64
     if kind == "sigmoid":
-        # the seed's literal recipe: sigmoid(k - lambda) on the v-MSE; sigmoid(+inf) = 1 at the zsnr step
+        # the recipe, literally: sigmoid(k - lambda) on the v-MSE; sigmoid(+inf) = 1 at the zsnr step
         w = torch.sigmoid(k - lam)
     elif kind == "kg_sigmoid":
         # Kingma & Gao's eps-space sigmoid carried into v-space: ||eps - eps_hat||^2 = abar ||v - v_hat||^2
@@ -176,9 +156,3 @@ def sample(model_fn, noise, abar, steps=25, prediction="v", guidance=1.0, phi=0.
         if callback is not None:
             callback(i, t, z, x0)
     return z
-
-
-# sigma_max of the equivalent k-diffusion (VE) schedule, for people wiring this schedule into other samplers
-def sigma_max(abar):
-    a = float(abar[-1])
-    return math.inf if a == 0 else math.sqrt((1 - a) / a)

@@ -1,10 +1,10 @@
 """
-Uptrain SDXL from epsilon- to v-prediction on a new noise schedule (math.md §1), nanoGPT style.
+Uptrain SDXL from epsilon- to v-prediction on a new noise schedule, nanoGPT style.
 
-The recipe: v = alpha eps - sigma x, per-sample MSE weighted by sigmoid(k - logSNR_t) with k=5, on
-scaled-linear betas 0.00085 -> 0.024 rescaled to zero terminal SNR (Lin et al. 2023), AdamW8bit with
+The recipe (docs/maths.md §1): v = alpha eps - sigma x, per-sample MSE weighted by sigmoid(k - logSNR_t) with
+k = 5, on scaled-linear betas 0.00085 -> 0.024 rescaled to zero terminal SNR (Lin et al. 2023), AdamW8bit with
 lr < 1e-5 and betas ramped (0.9, 0.95) -> (0.95, 0.99), bf16 compute with fp32 master weights, compiled UNet.
-VAE and text encoders are frozen; their outputs are cached once (data.py).
+The VAE and text encoders are frozen; their outputs are cached once (cache.py).
 
 Launch:
     python train.py config/tiny.py                                   # offline CPU demo, tiny model
@@ -17,25 +17,28 @@ import json
 import math
 import os
 import platform
-import queue
 import random
 import signal
 import subprocess
 import sys
-import threading
 import time
 from contextlib import nullcontext
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import cache as encoder_cache
+import checkpoint
 import configurator
 import data
+import export
 import model
+import optim
+import perf
 import schedule
+import tokenizer as clip_tokenizer
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -56,20 +59,20 @@ crop = "center"  # center | random (random is drawn once per image, so the cache
 flip = False  # horizontal flip, drawn once per image
 caption_dropout = 0.1  # fraction of samples trained unconditionally (zeroed context and pooled)
 eval_items = 4  # images held out for the per-t-bin eval (taken from the dataset, never trained on)
-# recipe
+# the recipe
 batch_size = 4  # per-process micro-batch; global batch = batch_size * grad_accum * world_size
 grad_accum = 1  # micro-steps per optimizer step (total across processes, divided by world size)
 max_iters = 1000  # optimizer steps
 prediction = "v"  # v | eps (eps pretrains an epsilon model with the same loop)
 beta_start = 0.00085  # scaled-linear betas start
-beta_end = 0.024  # 0.012 * sqrt(1024 / 256): the seed's resolution-scaled schedule
+beta_end = 0.024  # 0.012 * sqrt(1024 / 256): the recipe's resolution-scaled schedule
 zsnr = True  # rescale to zero terminal SNR (Lin et al. Alg. 1)
-weighting = "sigmoid"  # sigmoid | kg_sigmoid | min_snr | none (math.md §4)
+weighting = "sigmoid"  # sigmoid | kg_sigmoid | min_snr | none (docs/maths.md §4)
 k = 5.0  # sigmoid weighting offset: m(t) = sigmoid(k - logSNR_t)
 gamma = 5.0  # min_snr gamma
 # optimizer
 optimizer = "adamw8bit"  # adamw8bit (bitsandbytes) | adamw (torch, fused on CUDA) | adafactor (torch)
-lr = 7.5e-6  # peak learning rate; the seed's recipe needs < 1e-5
+lr = 7.5e-6  # peak learning rate; the recipe needs < 1e-5
 min_lr = 7.5e-7  # floor of the cosine schedule
 lr_schedule = "constant"  # constant | cosine (after warmup)
 warmup_iters = 0  # linear warmup steps
@@ -88,8 +91,7 @@ dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # compute dtype 
 precision = "amp"  # amp: fp32 master weights + autocast; bf16: pure bf16 weights, updates kept by stochastic rounding (adamw8bit)
 compile = torch.cuda.is_available()  # torch.compile the UNet (the uncompiled module is what gets saved)
 compile_warm = True  # compile every training bucket before step 1 (cost printed); False: at each bucket's first batch
-compile_backend = "inductor"  # torch.compile backend (the tests use Dynamo's eager: no codegen)
-grad_ckpt = False  # per-block gradient checkpointing (+33% FLOPs; for small-memory cards)
+grad_ckpt = False  # per-block gradient checkpointing (+31% FLOPs; for small-memory cards)
 seed = 1337  # seeds the data order, caption dropout, t and noise (the same on every process)
 peak_tflops = 0.0  # device peak for MFU; 0 = look up the device table
 # logging
@@ -103,7 +105,9 @@ cfg_phi = 0.7  # CFG rescale for previews (Lin et al. §3.4)
 wandb_log = False  # log to wandb (lazy import, master process only)
 wandb_project = "sdxl-vpred"  # wandb project
 wandb_run_name = "vpred"  # wandb run name
-fault_nan_at = -1  # for tests: make the loss NaN at this iteration to exercise the skip path
+# debugging and tests, not training settings
+debug_compile_backend = "inductor"  # torch.compile backend; the tests use Dynamo's 'eager' (tracing, no codegen)
+debug_nan_at = -1  # make the loss NaN at this iteration, to exercise the skip path
 # -----------------------------------------------------------------------------
 config = configurator.configure(globals())
 # -----------------------------------------------------------------------------
@@ -144,8 +148,7 @@ def make_tiny_start(path):
     """A tiny SDXL-topology checkpoint with random weights, saved in the real sgm layout (the demo's 'SDXL base')."""
     sdxl = model.SDXL(model.SDXLConfig.tiny())
     model.init_random_(sdxl, seed=0)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    model.save_checkpoint(sdxl, path, v_pred=False, ztsnr=False, metadata={"note": "tiny random start"})
+    checkpoint.save_checkpoint(sdxl, path, v_pred=False, ztsnr=False, metadata={"note": "tiny random start"})
     print(f"wrote a tiny random SDXL-topology start checkpoint to {path}")
 
 
@@ -154,15 +157,15 @@ if base == "random":  # SDXL-shaped random weights, for benchmarks: same weights
         sdxl = model.SDXL()
     model.init_random_(sdxl, seed=seed)
 else:
-    path = model.fetch(base)
+    path = checkpoint.fetch(base)
     if tiny_size and not os.path.exists(path):
         if master_process:
             make_tiny_start(path)
         if ddp:
             torch.distributed.barrier()
     try:
-        sdxl = model.load_checkpoint(path, device=device, dtype=torch.float32)
-    except (model.CheckpointError, FileNotFoundError) as e:  # one line that names the bad keys, no traceback
+        sdxl = checkpoint.load_checkpoint(path, device=device, dtype=torch.float32)
+    except (checkpoint.CheckpointError, FileNotFoundError) as e:  # one line that names the bad keys, no traceback
         sys.exit(f"cannot load {path}: {e}")
 if resume:
     sdxl.unet.load_state_dict(ckpt["unet"])
@@ -176,7 +179,7 @@ if device_type == "cuda":
 if precision == "bf16":  # halves weight and grad memory; AdamW8bit then writes back with stochastic rounding
     if optimizer != "adamw8bit":
         print(f"WARNING: pure bf16 weights with {optimizer} round each update to nearest: at lr < 1e-5 most "
-              "updates are lost (math.md §7); adamw8bit keeps them with stochastic rounding")
+              "updates are lost (docs/maths.md §7); adamw8bit keeps them with stochastic rounding")
     unet.to(torch.bfloat16)
 else:
     assert precision == "amp", f"precision must be 'amp' or 'bf16', got {precision!r}"
@@ -189,16 +192,16 @@ if make_synthetic and master_process and not os.path.isdir(dataset_dir):
     data.make_synthetic_dataset(dataset_dir, n=make_synthetic, seed=0, sizes=synthetic_sizes)
 if make_synthetic and master_process and not tokenizer.startswith("hf:") and not os.path.exists(os.path.join(tokenizer, "vocab.json")):
     # the synthetic demo's vocabulary is learned from its own captions, so it works offline
-    data.build_tiny_vocab(tokenizer, [it.caption for it in data.scan_dataset(dataset_dir, quiet=True)])
+    clip_tokenizer.build_tiny_vocab(tokenizer, [it.caption for it in data.scan_dataset(dataset_dir, quiet=True)])
 if ddp:
     torch.distributed.barrier()
-tok = data.load_tokenizer(tokenizer)
+tok = clip_tokenizer.load_tokenizer(tokenizer)
 buckets = data.make_buckets(area=resolution * resolution, step=bucket_step)
 items = data.scan_dataset(dataset_dir, buckets=buckets, seed=seed, crop=crop, flip=flip)
 assert len(items) > eval_items, f"need more than eval_items={eval_items} usable images, found {len(items)}"
 eval_set, train_set = items[:eval_items], items[eval_items:]
-cache = data.build_cache(items, sdxl, tok, cache_dir or os.path.join(out_dir, "cache"), device=device,
-                         rank=ddp_rank, world=ddp_world_size)
+cache = encoder_cache.build_cache(items, sdxl, tok, cache_dir or os.path.join(out_dir, "cache"), device=device,
+                                  rank=ddp_rank, world=ddp_world_size)
 loader = data.Loader(train_set, cache, batch_size=batch_size, rank=ddp_rank, world=ddp_world_size,
                      seed=seed, caption_dropout=caption_dropout)  # rank 0 prints the bucket histogram
 
@@ -234,7 +237,7 @@ def get_betas(it):
     return (beta1 + r * (beta1_final - beta1), beta2 + r * (beta2_final - beta2))
 
 
-opt = model.configure_optimizer(unet.parameters(), optimizer, lr, get_betas(0), adam_eps, weight_decay,
+opt = optim.configure_optimizer(unet.parameters(), optimizer, lr, get_betas(0), adam_eps, weight_decay,
                                 fused=device_type == "cuda", seed=seed)
 if resume:
     try:
@@ -243,7 +246,7 @@ if resume:
         sys.exit(f"cannot resume the {optimizer} optimizer from {out_dir}/ckpt.pt: its saved state is another "
                  f"optimizer's or for other parameters ({e!r})")
 
-train_unet = unet
+train_unet = unet  # what the loop calls: compiled and/or DDP-wrapped; `unet` stays the raw module that is saved
 train_buckets = sorted({it.bucket for it in train_set})
 if compile:
     # Inductor specialises the latent size (mark_dynamic on h, w fails with a ConstraintViolationError), so each
@@ -251,7 +254,7 @@ if compile:
     # 9th bucket would stop the run with FailOnRecompileLimitHit hours in: make room for every bucket.
     torch._dynamo.config.automatic_dynamic_shapes = False
     torch._dynamo.config.recompile_limit = max(8, len(train_buckets) + 2)
-    train_unet = torch.compile(unet, fullgraph=True, backend=compile_backend)
+    train_unet = torch.compile(unet, fullgraph=True, backend=debug_compile_backend)
 if ddp:
     train_unet = DDP(train_unet, device_ids=[ddp_local_rank] if device_type == "cuda" else None)
 
@@ -278,7 +281,7 @@ def forward_loss(batch, t, noise):
 
 
 def to_device(batch):
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    return {key: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for key, v in batch.items()}
 
 
 EVAL_T = torch.tensor([b * 100 + o for b in range(10) for o in (0, 50, 99)])  # 3 fixed t per 100-wide bin, 999 included
@@ -286,15 +289,15 @@ EVAL_T = torch.tensor([b * 100 + o for b in range(10) for o in (0, 50, 99)])  # 
 
 @torch.no_grad()
 def evaluate():
-    """Held-out target-MSE per t-bin on fixed items with fixed noise (math.md §6's uptrain-progress curve)."""
+    """Held-out target-MSE per t-bin on fixed items with fixed noise (the uptrain-progress curve, docs/maths.md §6)."""
     unet.eval()
     g = torch.Generator().manual_seed(0)
-    groups = {}  # one batch per bucket: latents of different sizes cannot be stacked
+    by_bucket = {}  # one batch per bucket: latents of different sizes cannot be stacked
     for it in eval_set:
-        groups.setdefault(it.bucket, []).append(it)
+        by_bucket.setdefault(it.bucket, []).append(it)
     sums = torch.zeros(10)
-    for items in groups.values():
-        batch = to_device(data.collate(items, cache))
+    for bucket_items in by_bucket.values():
+        batch = to_device(data.collate(bucket_items, cache))
         shape = batch["latents"].shape
         for i, t_val in enumerate(EVAL_T.tolist()):
             noise = torch.randn(shape, generator=g).to(device)
@@ -354,7 +357,8 @@ def gather(obj):
     return out
 
 
-def save_ckpt(it):
+def save_ckpt(it, loader_state):
+    """ckpt.pt after iteration `it`; loader_state: the loader's state after the last batch the loop consumed."""
     per_rank = gather({"rng": rng_state(), "loader": loader_state})
     if master_process:
         atomic_torch_save({"unet": unet.state_dict(), "optimizer": opt.state_dict(), "iter_num": it,
@@ -363,10 +367,11 @@ def save_ckpt(it):
         print(f"saved {out_dir}/ckpt.pt at iter {it}")
 
 
-def export():
-    """DIR/model.safetensors (sgm layout, markers, metadata) and DIR/diffusers/ (configs for from_single_file)."""
-    recipe = {k: config[k] for k in ("prediction", "beta_start", "beta_end", "zsnr", "weighting", "k", "optimizer",
-                                     "lr", "beta1", "beta2", "beta1_final", "beta2_final", "max_iters", "batch_size")}
+def export_model():
+    """out_dir/model.safetensors (sgm layout, markers, metadata) and out_dir/diffusers/ (configs for from_single_file)."""
+    recipe = {key: config[key] for key in ("prediction", "beta_start", "beta_end", "zsnr", "weighting", "k",
+                                           "optimizer", "lr", "beta1", "beta2", "beta1_final", "beta2_final",
+                                           "max_iters", "batch_size")}
     recipe.update(base=base, global_batch=imgs_per_iter)
     meta = {"modelspec.title": f"SDXL {prediction}-pred uptrain", "modelspec.date": time.strftime("%Y-%m-%d"),
             "noise_schedule": json.dumps({"beta_start": beta_start, "beta_end": beta_end, "beta_schedule":
@@ -374,11 +379,11 @@ def export():
                                           "num_train_timesteps": T}),
             "training_config": json.dumps(recipe)}
     path = os.path.join(out_dir, "model.safetensors")
-    dt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[export_dtype]
-    model.save_checkpoint(sdxl, path, v_pred=prediction == "v", ztsnr=zsnr, metadata=meta, dtype=dt)
-    tok_dir = data.tokenizer_folder(tokenizer)
-    model.write_diffusers_config(sdxl.cfg, os.path.join(out_dir, "diffusers"), beta_end=beta_end, zsnr=zsnr,
-                                 prediction=prediction, tokenizer_dirs=(tok_dir, tok_dir))
+    out_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[export_dtype]
+    checkpoint.save_checkpoint(sdxl, path, v_pred=prediction == "v", ztsnr=zsnr, metadata=meta, dtype=out_dtype)
+    tok_dir = clip_tokenizer.tokenizer_folder(tokenizer)
+    export.write_diffusers_config(sdxl.cfg, os.path.join(out_dir, "diffusers"), beta_end=beta_end, zsnr=zsnr,
+                                  prediction=prediction, tokenizer_dirs=(tok_dir, tok_dir))
     print(f"exported {path} and {out_dir}/diffusers/")
 
 
@@ -390,38 +395,13 @@ torch.manual_seed(seed)
 iter_num, skipped = 0, 0
 if resume:
     iter_num, skipped = ckpt["iter_num"], ckpt["skipped"]
-    mine = ckpt["per_rank"][ddp_rank]
-    loader.load_state_dict(mine["loader"])
-    set_rng_state(mine["rng"])
+    rank_state = ckpt["per_rank"][ddp_rank]
+    loader.load_state_dict(rank_state["loader"])
+    set_rng_state(rank_state["rng"])
     print(f"resumed from {out_dir}/ckpt.pt at iter {iter_num}")
     del ckpt
 loader_state = loader.state_dict()  # the loader's state after the last batch the loop consumed
-
-
-def prefetch(loader, depth=2):
-    """Yields (batch, loader state after it), built on a thread so that reading and stacking the cached
-    tensors overlaps the GPU step; pinned memory makes the copy to the GPU asynchronous. The loader is
-    deterministic and touches only its own generators, so the batches are the same as without the thread."""
-    q = queue.Queue(depth)
-
-    def work():
-        try:
-            while True:
-                b = loader.next_batch()
-                if device_type == "cuda":
-                    b = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()}
-                q.put((b, loader.state_dict()))
-        except Exception as e:  # hand it to the training loop
-            q.put(e)
-    threading.Thread(target=work, daemon=True).start()
-    while True:
-        item = q.get()
-        if isinstance(item, Exception):
-            raise item
-        yield item
-
-
-batches = prefetch(loader)
+batches = data.prefetch(loader, pin_memory=device_type == "cuda")
 
 # SIGINT/SIGTERM: finish the current step, write ckpt.pt, exit
 stop_signal = None
@@ -437,35 +417,21 @@ signal.signal(signal.SIGINT, on_signal)
 signal.signal(signal.SIGTERM, on_signal)
 
 # -----------------------------------------------------------------------------
-# logging helpers: run.json, FLOPs for MFU, the per-line stats
+# logging: run.json, FLOPs for MFU, the per-line stats
 
-peak = peak_tflops or (model.peak_tflops(torch.cuda.get_device_name(device)) if device_type == "cuda" else 0.0)
-flops_cache = {}
+peak = peak_tflops or (perf.peak_tflops(torch.cuda.get_device_name(device)) if device_type == "cuda" else 0.0)
+flops_per_image = {}  # (h, w) of the latents -> model FLOPs of one image's forward + backward
 
 
-def flops_per_image(h, w):
-    """Model FLOPs of one forward+backward per image at latent size (h, w), counted once on the meta device."""
-    if (h, w) not in flops_cache:
-        from torch.utils.flop_counter import FlopCounterMode
-        with torch.random.fork_rng(devices=[]), torch.device("meta"):  # RNG-neutral, so resume stays exact
-            m = model.UNet(sdxl.cfg.unet)
-            x = torch.randn(1, sdxl.cfg.unet.in_channels, h, w)
-            ctx = torch.randn(1, 77, sdxl.cfg.unet.context_dim)
-            yy = torch.randn(1, sdxl.cfg.unet.adm_in_channels)
-            t = torch.zeros(1, dtype=torch.long)
-            with FlopCounterMode(display=False) as fc:
-                m(x, t, ctx, yy).sum().backward()
-        flops_cache[(h, w)] = fc.get_total_flops()
-    return flops_cache[(h, w)]
+def git_sha():
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                                       stderr=subprocess.DEVNULL, text=True).strip()
+    except Exception:
+        return "unknown"
 
 
 if master_process:
-    def git_sha():
-        try:
-            return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
-                                           stderr=subprocess.DEVNULL, text=True).strip()
-        except Exception:
-            return "unknown"
     run_info = {"git_sha": git_sha(), "argv": sys.argv, "python": platform.python_version(), "torch": torch.__version__,
                 "device": torch.cuda.get_device_name(device) if device_type == "cuda" else platform.processor() or "cpu",
                 "world_size": ddp_world_size, "config": config}
@@ -480,27 +446,27 @@ if compile and compile_warm:
     # pay every bucket's compile (and cuDNN autotune) now, where it is timed, not inside the run: one
     # forward+backward per bucket at t = 0 with zero noise (no random numbers drawn, so resume stays exact);
     # the grads are zeroed, the optimizer never sees them
-    tw = time.time()
+    warm_start = time.time()
     if ddp:  # no gradient all-reduce for these
         train_unet.require_backward_grad_sync = False
     for bucket in train_buckets:
-        tb = time.time()
-        items = [it for it in train_set if it.bucket == bucket]
-        batch = to_device(data.collate((items * batch_size)[:batch_size], cache))
+        bucket_start = time.time()
+        bucket_items = [it for it in train_set if it.bucket == bucket]
+        batch = to_device(data.collate((bucket_items * batch_size)[:batch_size], cache))
         forward_loss(batch, torch.zeros(batch_size, dtype=torch.long, device=device),
                      torch.zeros_like(batch["latents"]))[0].backward()
         if device_type == "cuda":
             torch.cuda.synchronize()
         if master_process:
-            print(f"compiled bucket {bucket[0]}x{bucket[1]}: {time.time() - tb:.1f} s")
+            print(f"compiled bucket {bucket[0]}x{bucket[1]}: {time.time() - bucket_start:.1f} s")
     opt.zero_grad(set_to_none=True)
     if master_process:
-        print(f"compiled {len(train_buckets)} buckets in {time.time() - tw:.1f} s")
+        print(f"compiled {len(train_buckets)} buckets in {time.time() - warm_start:.1f} s")
 
 # -----------------------------------------------------------------------------
 # the training loop
 
-t0 = time.time()
+
 def new_log():  # per-interval sums, kept on the device: nothing in the step waits for the host but the skip test
     return {"loss": torch.zeros((), device=device), "n": 0, "bins": torch.zeros(10, device=device),
             "bin_n": torch.zeros(10, device=device), "imgs": 0, "flops": 0.0}
@@ -509,6 +475,7 @@ def new_log():  # per-interval sums, kept on the device: nothing in the step wai
 log = new_log()
 consecutive = 0
 first_iter = iter_num
+t0 = time.time()
 while iter_num < max_iters:
     lr_now, betas_now = get_lr(iter_num), get_betas(iter_num)
     for group in opt.param_groups:
@@ -523,21 +490,24 @@ while iter_num < max_iters:
         b = batch["latents"].shape[0]
         # t and noise are drawn for the whole global batch from an RNG seeded alike on every process, and each
         # process takes its slice: N processes then compute exactly the single-process update
-        mine = slice(ddp_rank * b, (ddp_rank + 1) * b)
-        t = torch.randint(0, T, (b * ddp_world_size,))[mine].to(device)
-        noise = torch.randn(b * ddp_world_size, *batch["latents"].shape[1:])[mine].to(device)
+        my_slice = slice(ddp_rank * b, (ddp_rank + 1) * b)
+        t = torch.randint(0, T, (b * ddp_world_size,))[my_slice].to(device)
+        noise = torch.randn(b * ddp_world_size, *batch["latents"].shape[1:])[my_slice].to(device)
         if ddp:  # only sync gradients on the last micro-step
             train_unet.require_backward_grad_sync = micro == grad_accum - 1
         loss, mse = forward_loss(batch, t, noise)
-        if iter_num == fault_nan_at:
+        if iter_num == debug_nan_at:
             loss = loss * float("nan")
         (loss / grad_accum).backward()
         loss_sum += loss.detach() / grad_accum
-        tb = (t // (T // 10)).clamp(max=9)
-        log["bins"].index_add_(0, tb, mse.detach().float())
-        log["bin_n"].index_add_(0, tb, torch.ones(b, device=device))
+        t_bin = (t // (T // 10)).clamp(max=9)
+        log["bins"].index_add_(0, t_bin, mse.detach().float())
+        log["bin_n"].index_add_(0, t_bin, torch.ones(b, device=device))
         log["imgs"] += b * ddp_world_size
-        log["flops"] += b * ddp_world_size * flops_per_image(*batch["latents"].shape[-2:])
+        hw = tuple(batch["latents"].shape[-2:])
+        if hw not in flops_per_image:
+            flops_per_image[hw] = perf.unet_flops(sdxl.cfg.unet, *hw)
+        log["flops"] += b * ddp_world_size * flops_per_image[hw]
 
     # a non-finite loss or gradient skips the step: weights and optimizer state untouched
     gnorm = torch.nn.utils.clip_grad_norm_(unet.parameters(), grad_clip if grad_clip > 0 else float("inf"))
@@ -564,21 +534,21 @@ while iter_num < max_iters:
         log["n"] += 1
 
     if consecutive >= max_skips:
-        save_ckpt(iter_num)
+        save_ckpt(iter_num, loader_state)
         sys.exit(f"stopping: {consecutive} non-finite steps in a row (lower lr? check the data); ckpt.pt written")
 
     if iter_num % log_interval == 0 and master_process:
         if device_type == "cuda":
             torch.cuda.synchronize()
-        dt = time.time() - t0
-        ips = log["imgs"] / dt
-        mfu = f"{100 * log['flops'] / dt / (peak * 1e12):.1f}%" if peak else "-"
+        elapsed = time.time() - t0
+        ips = log["imgs"] / elapsed
+        mfu = f"{100 * log['flops'] / elapsed / (peak * 1e12):.1f}%" if peak else "-"
         mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}GiB" if device_type == "cuda" else "-"
-        eta = (max_iters - iter_num) * dt / log_interval
+        eta = (max_iters - iter_num) * elapsed / log_interval
         bins, bin_n = (log["bins"] / log["bin_n"].clamp(min=1)).tolist(), log["bin_n"].tolist()
         loss_avg = log["loss"].item() / max(1, log["n"])
         print(f"iter {iter_num}: loss {loss_avg:.5f}, lr {lr_now:.3g}, betas ({betas_now[0]:.4f}, "
-              f"{betas_now[1]:.4f}), gnorm {gnorm.item():.3g}, {ips:.2f} img/s, {1000 * dt / log_interval:.0f} ms/it, "
+              f"{betas_now[1]:.4f}), gnorm {gnorm.item():.3g}, {ips:.2f} img/s, {1000 * elapsed / log_interval:.0f} ms/it, "
               f"mfu {mfu}, mem {mem}, skipped {skipped}, eta {eta / 60:.1f} min")
         print("  t-bin mse " + " ".join(f"{v:.4f}" if n else "-" for v, n in zip(bins, bin_n)))
         if wandb_log:
@@ -597,11 +567,11 @@ while iter_num < max_iters:
         preview(iter_num)
         t0 = time.time()
     if (ckpt_interval and iter_num % ckpt_interval == 0) or iter_num == max_iters or stop_signal:
-        save_ckpt(iter_num)
+        save_ckpt(iter_num, loader_state)
     if stop_signal:
         break
 
 if master_process and not stop_signal:
-    export()
+    export_model()
 if ddp:
     destroy_process_group()

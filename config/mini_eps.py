@@ -1,7 +1,7 @@
 # The miniature reproduction, step 1 of 2: pretrain a small SDXL-topology UNet with EPSILON prediction on the
-# pretrain schedule (beta_end 0.012, no zsnr), the stand-in for "SDXL base" (math.md §1). Run by
-#   python config/mini_repro.py                     # makes the data, VAE, vocabulary and start checkpoint first
-# which calls  python train.py config/mini_eps.py --out_dir=... (paths below are mini_repro's defaults).
+# pretrain schedule (beta_end 0.012, no zsnr), the stand-in for "SDXL base" (docs/maths.md §1). Run by
+#   python mini_repro.py                     # makes the data, VAE, vocabulary and start checkpoint first
+# which calls  python train.py config/mini_eps.py --out_dir=... (paths below are mini_repro.py's defaults).
 out_dir = "out/mini/eps"
 init_from = "out/mini/start.safetensors"  # trained VAE, random frozen text encoders, random UNet (mini_repro)
 tokenizer = "out/mini/tokenizer"  # BPE vocabulary learned from the synthetic captions (mini_repro)

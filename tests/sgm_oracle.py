@@ -1,7 +1,7 @@
 """
 Test-only oracles for model.py: diffusers / transformers models built from an SDXLConfig, randomised, and their
 weights mapped to the sgm single-file layout by a reverse of diffusers' converters, written here from the rename
-table in ../shared/spec/sdxl_format.md (diffusers ships only sgm -> diffusers). check_roundtrip() proves the
+table in docs/sdxl_format.md §2 (diffusers ships only sgm -> diffusers). check_roundtrip() proves the
 reverse mapping by running diffusers' own convert_ldm_* / convert_open_clip_checkpoint on its output.
 
 Nothing here is imported by a runtime file: diffusers and transformers are test dependencies.
@@ -13,7 +13,7 @@ import torch
 import model
 
 # -----------------------------------------------------------------------------
-# oracle configs (written from the spec, independently of model.write_diffusers_config)
+# oracle configs (written from the spec, independently of export.write_diffusers_config)
 
 def unet_kwargs(u: model.UNetConfig):
     assert u.transformer_depth_middle == u.transformer_depth[-1], "diffusers' mid block uses the last level's depth"

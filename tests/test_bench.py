@@ -3,7 +3,7 @@ bench.py end to end on CPU: the tiny config with --compare=diffusers runs offlin
 check and ends with `ratio X.XX`; its FLOP count agrees with an independent count on diffusers' UNet; the
 24 GB mode's code paths (pure bf16, gradient checkpointing) and --profile run.
 
-Speed is never asserted here: the speed targets live in bench.py's output and perf.md, not in timed tests.
+Speed is never asserted here: the speed targets live in bench.py's output (docs/performance.md §3), not in timed tests.
 """
 import os
 import re

@@ -17,7 +17,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import cache as encoder_cache
+from configurator import UserError
 import data
+import tokenizer
 
 # -----------------------------------------------------------------------------
 # stand-ins with model.py's contract
@@ -37,6 +40,19 @@ class TinyVAE(torch.nn.Module):
         self.seen += x.shape[0]
         mean, logvar = self.conv(x).chunk(2, dim=1)
         return mean, logvar
+
+
+class OnTheFly:
+    """The Cache.load interface without a cache: decode and encode every time (the uncached reference)."""
+
+    def __init__(self, encoders, tokenizer, device="cpu"):
+        self.encoders, self.tokenizer, self.device = encoders, tokenizer, device
+
+    def load(self, items):
+        mean = encoder_cache.encode_images(self.encoders.vae, items, self.device)
+        t1, t2 = tokenizer.tokenize(self.tokenizer, [it.caption for it in items])
+        context, pooled = encoder_cache.encode_captions(self.encoders.encode_text, t1, t2, device=self.device)
+        return mean, context, pooled
 
 
 class TinyEncoders(torch.nn.Module):
@@ -70,7 +86,7 @@ BUCKETS = data.make_buckets(area=64 * 64, step=16)  # (48, 80), (64, 64), (80, 4
 def real_vocab(tmp_path_factory):
     bpe = os.path.join(list(importlib.util.find_spec("open_clip").submodule_search_locations)[0],
                        "bpe_simple_vocab_16e6.txt.gz")
-    return data.vocab_from_openclip(bpe, str(tmp_path_factory.mktemp("clip_vocab")))
+    return tokenizer.vocab_from_openclip(bpe, str(tmp_path_factory.mktemp("clip_vocab")))
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +95,7 @@ def synth(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("synth"))
     data.make_synthetic_dataset(root, n=24, seed=0, sizes=((64, 64), (48, 80), (80, 48), (100, 100)))
     texts = [open(os.path.join(root, f)).read() for f in sorted(os.listdir(root)) if f.endswith(".txt")]
-    vdir = data.build_tiny_vocab(str(tmp_path_factory.mktemp("tiny_vocab")), texts, n_merges=64)
+    vdir = tokenizer.build_tiny_vocab(str(tmp_path_factory.mktemp("tiny_vocab")), texts, n_merges=64)
     return root, data.load_tokenizer(vdir), vdir
 
 
@@ -317,7 +333,7 @@ def test_metadata_jsonl_captions(tmp_path, capsys):
 
 
 def _build(items, enc, tok, cache_dir, **kw):
-    return data.build_cache(items, enc, tok, cache_dir, batch_size=4, workers=2, **kw)
+    return encoder_cache.build_cache(items, enc, tok, cache_dir, batch_size=4, workers=2, **kw)
 
 
 def test_cache_hit_miss_stale_corrupt(synth, tmp_path, capsys):
@@ -366,13 +382,13 @@ def test_cache_hit_miss_stale_corrupt(synth, tmp_path, capsys):
     _build(items, enc, tok, cdir)
     assert vae.seen == 1 + 1 and te.seen == 1 + 1
     enc2 = TinyEncoders(tok.vocab_size, vae_seed=1)  # same text encoders, new VAE weights
-    assert data.weights_fingerprint(enc2.vae) != data.weights_fingerprint(vae)
+    assert encoder_cache.weights_fingerprint(enc2.vae) != encoder_cache.weights_fingerprint(vae)
     _build(items, enc2, tok, cdir)
     assert enc2.vae.seen == 1 + n_lat and enc2.seen == 1
     # header-only check (verify=False) still sees the shapes
     assert _build(items, enc, tok, cdir, verify=False) is not None
     assert not any(f.endswith(".png") for _, _, fs in os.walk(cdir) for f in fs)  # nothing beside the images
-    with pytest.raises(AssertionError, match="image folder"):
+    with pytest.raises(UserError, match="image folder"):  # a user mistake: one line, not a traceback
         _build(items, enc, tok, str(root))
 
 
@@ -392,7 +408,7 @@ def test_cached_equals_uncached(synth, tmp_path):
     items = data.scan_dataset(root, BUCKETS, seed=3, crop="random", flip=True)
     enc = TinyEncoders(tok.vocab_size)
     cache = _build(items, enc, tok, str(tmp_path / "cache"))
-    live = data.OnTheFly(enc, tok)
+    live = OnTheFly(enc, tok)
     a = data.Loader(items, cache, 3, seed=5, caption_dropout=0.3)
     b = data.Loader(items, live, 3, seed=5, caption_dropout=0.3)
     for _ in range(len(a) + 2):  # past an epoch boundary
@@ -404,7 +420,7 @@ def test_cached_equals_uncached(synth, tmp_path):
     assert x["latents"].shape == (3, 4, bh // 8, bw // 8) and x["context"].shape == (3, 77, 16)
     assert x["pooled"].shape == (3, 5) and x["time_ids"].shape == (3, 6) and x["dropped"].dtype == torch.bool
     it = items[int(x["index"][0])]
-    mean = data.encode_images(enc.vae, [it])
+    mean = encoder_cache.encode_images(enc.vae, [it])
     assert torch.equal(x["latents"][0], mean[0] * data.VAE_SCALE)  # scaled at batch time, stored unscaled
 
 
@@ -413,7 +429,7 @@ def _ddp_cache_worker(rank, world, root, vocab_dir, cache_dir, pg_file, out_dir)
     tok = data.load_tokenizer(vocab_dir)
     items = data.scan_dataset(root, BUCKETS)
     enc = TinyEncoders(tok.vocab_size)
-    cache = data.build_cache(items, enc, tok, cache_dir, batch_size=4, rank=rank, world=world, workers=1)
+    cache = encoder_cache.build_cache(items, enc, tok, cache_dir, batch_size=4, rank=rank, world=world, workers=1)
     loader = data.Loader(items, cache, 2, rank=rank, world=world, seed=0)
     batches = [loader.next_batch() for _ in range(len(loader))]
     torch.save({"vae": enc.vae.seen, "te": enc.seen, "batches": batches}, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -430,7 +446,7 @@ def test_ddp_cache_build_shares_the_work(synth, tmp_path):
     n_lat = len(items)
     assert sum(g["vae"] - 1 for g in got) == n_lat and all(g["vae"] - 1 < n_lat for g in got)  # shared, not repeated
     enc = TinyEncoders(tok.vocab_size)
-    whole = data.Loader(items, data.build_cache(items, enc, tok, cdir), 4, seed=0)
+    whole = data.Loader(items, encoder_cache.build_cache(items, enc, tok, cdir), 4, seed=0)
     assert enc.vae.seen == 1 and enc.seen == 1  # everything was cached by the two ranks
     for k, w in enumerate(whole.next_batch() for _ in range(len(whole))):
         for key in w:
@@ -569,7 +585,7 @@ def test_batch_speed_from_cache(synth, tmp_path, capsys):
     assert "buckets: 24 images" in out and "repeats within the bucket" in out
     cache = _build(items, TinyEncoders(tok.vocab_size), tok, str(tmp_path / "cache"))
     # a fresh Cache object reads the files once, then serves from RAM
-    fresh = data.Cache(cache.dir, cache.lat_keys, cache.txt_keys)
+    fresh = encoder_cache.Cache(cache.dir, cache.lat_keys, cache.txt_keys)
     loader = data.Loader(items, fresh, 8, seed=0, verbose=False)
     loader.next_batch()
     t0 = time.perf_counter()

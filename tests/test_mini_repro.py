@@ -1,5 +1,5 @@
-"""config/mini_repro.py and its two train.py configs: the recipe they encode, the exact latent-scale fold, the curve.
-Fast (seconds): the full reproduction itself is `python config/mini_repro.py` (~30 min on 2 CPU cores)."""
+"""mini_repro.py and its two train.py configs: the recipe they encode, the exact latent-scale fold, the curve.
+Fast (seconds): the full reproduction itself is `python mini_repro.py` (~30 min on 2 CPU cores)."""
 import ast
 import importlib.util
 import os
@@ -37,7 +37,7 @@ def load_config(name):
 def test_configs_encode_the_recipe():
     eps, v = load_config("mini_eps.py"), load_config("mini_vpred.py")
     assert (eps["prediction"], eps["beta_end"], eps["zsnr"], eps["weighting"]) == ("eps", 0.012, False, "none")
-    # the seed's recipe (math.md §1), only lr and length scaled to the small net
+    # the recipe (docs/maths.md §1), only lr and length scaled to the small net
     assert (v["prediction"], v["beta_end"], v["zsnr"], v["weighting"], v["k"]) == ("v", 0.024, True, "sigmoid", 5.0)
     assert v["optimizer"] == "adamw8bit"
     assert (v["beta1"], v["beta2"], v["beta1_final"], v["beta2_final"]) == (0.9, 0.95, 0.95, 0.99)
@@ -51,7 +51,7 @@ def test_configs_encode_the_recipe():
 
 @pytest.fixture(scope="module")
 def mini():
-    spec = importlib.util.spec_from_file_location("mini_repro", os.path.join(ROOT, "config", "mini_repro.py"))
+    spec = importlib.util.spec_from_file_location("mini_repro", os.path.join(ROOT, "mini_repro.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)  # main() is not run on import
     return mod

@@ -19,6 +19,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+import checkpoint  # noqa: E402
+import export  # noqa: E402
 import model  # noqa: E402
 import sgm_oracle  # noqa: E402
 from model import SDXLConfig, TextConfig, UNetConfig, VAEConfig  # noqa: E402
@@ -180,7 +182,7 @@ def test_full_size_matches_golden_keys():
     assert ours == golden
     assert sum(p.numel() for p in sdxl.unet.parameters()) == 2_567_463_684
     assert sum(t.numel() for t in state.values()) == 3_468_837_868
-    assert model.config_from_shapes(golden) == SDXLConfig()
+    assert checkpoint.config_from_shapes(golden) == SDXLConfig()
 
 # -----------------------------------------------------------------------------
 # save / load
@@ -314,7 +316,7 @@ def test_pruned_clip_l_is_refused():
         if ".encoder.layers.11." not in key:
             shapes[key] = tuple(int(s) for s in shape.split("x")) if shape else ()
     with pytest.raises(model.CheckpointError, match="11 layers"):
-        model.config_from_shapes(shapes)
+        checkpoint.config_from_shapes(shapes)
 
 # -----------------------------------------------------------------------------
 # misc model behaviour
@@ -369,7 +371,7 @@ def test_unet_compiles_fullgraph(backend):
     assert rel_err(out, unet(*args)) < 1e-5
 
 # -----------------------------------------------------------------------------
-# diffusers' from_single_file with the config folder written by model.write_diffusers_config
+# diffusers' from_single_file with the config folder written by export.write_diffusers_config
 
 def _byte_vocab(folder):
     """A CLIP-style vocabulary without merges: 256 byte characters, the same with `</w>`, and the two specials."""
@@ -390,7 +392,7 @@ def test_diffusers_from_single_file(tmp_path, monkeypatch):
     cfg = SDXLConfig.tiny(vocab_size=vocab)
     sdxl = model.init_random_(model.SDXL(cfg), seed=5)
     model.save_checkpoint(sdxl, tmp_path / "m.safetensors", v_pred=True, ztsnr=True)
-    model.write_diffusers_config(cfg, tmp_path / "diffusers", beta_end=0.024, zsnr=True, prediction="v",
+    export.write_diffusers_config(cfg, tmp_path / "diffusers", beta_end=0.024, zsnr=True, prediction="v",
                                  tokenizer_dirs=(tmp_path / "tok", tmp_path / "tok"))
     pipe = StableDiffusionXLPipeline.from_single_file(str(tmp_path / "m.safetensors"),
                                                       config=str(tmp_path / "diffusers"), local_files_only=True)

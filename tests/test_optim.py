@@ -1,4 +1,4 @@
-"""model.configure_optimizer: the pure-bf16 mode keeps the updates that round-to-nearest loses (math.md §7)."""
+"""optim.configure_optimizer: the pure-bf16 mode keeps the updates that round-to-nearest loses (docs/maths.md §7)."""
 import io
 
 import bitsandbytes.functional as bnbF
@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import model
+import optim
 
 
 def run(dtype, sr, steps=60, lr=1e-6):
@@ -14,7 +15,7 @@ def run(dtype, sr, steps=60, lr=1e-6):
     direction = torch.randn(512, 256, generator=g)
     p = torch.nn.Parameter(w0.clone().to(dtype))
     if sr:
-        opt = model.configure_optimizer([p], "adamw8bit", lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+        opt = optim.configure_optimizer([p], "adamw8bit", lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     else:  # plain bitsandbytes: round-to-nearest write-back in the parameter's dtype
         import bitsandbytes as bnb
         opt = bnb.optim.AdamW8bit([p], lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -26,10 +27,10 @@ def run(dtype, sr, steps=60, lr=1e-6):
 
 def test_stochastic_rounding_is_unbiased():
     x = torch.full((200_000,), 1.0 + 2 ** -10)  # 1/8 of the way from 1 to the next bf16, 1 + 2^-7
-    r = model.stochastic_round_bf16(x, torch.Generator().manual_seed(0)).float()
+    r = optim.stochastic_round_bf16(x, torch.Generator().manual_seed(0)).float()
     assert set(r.unique().tolist()) == {1.0, 1.0 + 2 ** -7}
     assert abs(r.mean().item() - x[0].item()) < 2e-5
-    assert torch.equal(model.stochastic_round_bf16(torch.tensor([0.5, -2.0, 3.0])).float(), torch.tensor([0.5, -2.0, 3.0]))
+    assert torch.equal(optim.stochastic_round_bf16(torch.tensor([0.5, -2.0, 3.0])).float(), torch.tensor([0.5, -2.0, 3.0]))
 
 
 def test_bf16_sr_moves_weights_like_fp32_masters():
@@ -54,8 +55,8 @@ def test_channels_last_weights_keep_their_layout_and_update():
         grads = [torch.randn(shape, generator=g) for _ in range(3)]
         cl = torch.nn.Parameter(w0.clone().contiguous(memory_format=torch.channels_last))
         ref = torch.nn.Parameter(w0.permute(0, 2, 3, 1).contiguous())
-        opt_cl = model.configure_optimizer([cl], "adamw8bit", lr=1e-2, weight_decay=0.1)
-        opt_ref = model.configure_optimizer([ref], "adamw8bit", lr=1e-2, weight_decay=0.1)
+        opt_cl = optim.configure_optimizer([cl], "adamw8bit", lr=1e-2, weight_decay=0.1)
+        opt_ref = optim.configure_optimizer([ref], "adamw8bit", lr=1e-2, weight_decay=0.1)
         for gr in grads:
             cl.grad = gr.clone()  # a contiguous grad: the optimizer gives it the parameter's layout
             ref.grad = gr.permute(0, 2, 3, 1).contiguous()
@@ -98,7 +99,7 @@ def test_flat_buffers_give_bitsandbytes_numbers_exactly():
     n = ref[big].numel()
     for chunk in (0, 512):  # by device (one call per buffer here), and calls over two 256-blocks at a time
         ours = make_params()
-        opt = model.configure_optimizer(ours, "adamw8bit", lr=1e-2, weight_decay=0.1)
+        opt = optim.configure_optimizer(ours, "adamw8bit", lr=1e-2, weight_decay=0.1)
         opt.chunk = chunk
         drive(ours, opt, 5)
         assert len(opt.buffers) == 4  # (decay, no decay) x (8-bit, 32-bit state)
@@ -113,7 +114,7 @@ def test_one_kernel_call_per_buffer_and_views_that_autograd_fills(monkeypatch):
     cfg = model.SDXLConfig.tiny().unet
     unet = model.init_random_(model.UNet(cfg), seed=0).to(memory_format=torch.channels_last)
     ps = list(unet.parameters())
-    opt = model.configure_optimizer(ps, "adamw8bit")
+    opt = optim.configure_optimizer(ps, "adamw8bit")
     conv = unet.input_blocks[0][0].weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     flat = {b["p"].untyped_storage().data_ptr() for b in opt.buffers}
@@ -140,10 +141,10 @@ def test_one_kernel_call_per_buffer_and_views_that_autograd_fills(monkeypatch):
 def test_state_dict_resumes_exactly_fp32_and_bf16():
     for dtype in (torch.float32, torch.bfloat16):
         straight = make_params(dtype=dtype)
-        opt = model.configure_optimizer(straight, "adamw8bit", lr=1e-2, seed=5)
+        opt = optim.configure_optimizer(straight, "adamw8bit", lr=1e-2, seed=5)
         drive(straight, opt, 4, seed=7)
         first = make_params(dtype=dtype)
-        opt1 = model.configure_optimizer(first, "adamw8bit", lr=1e-2, seed=5)
+        opt1 = optim.configure_optimizer(first, "adamw8bit", lr=1e-2, seed=5)
         drive(first, opt1, 2, seed=7)
         saved = {"w": [p.detach().clone() for p in first], "opt": opt1.state_dict()}
         f = io.BytesIO()
@@ -153,13 +154,13 @@ def test_state_dict_resumes_exactly_fp32_and_bf16():
         second = make_params(seed=99, dtype=dtype)  # other numbers: everything must come from the state
         for p, w in zip(second, saved["w"]):
             p.data.copy_(w)
-        opt2 = model.configure_optimizer(second, "adamw8bit", lr=1e-2, seed=0)
+        opt2 = optim.configure_optimizer(second, "adamw8bit", lr=1e-2, seed=0)
         opt2.load_state_dict(saved["opt"])
         drive(second, opt2, 4, seed=7, first=2)
         for a, b in zip(straight, second):
             assert torch.equal(a.detach(), b.detach()), (dtype, a.shape)
     with pytest.raises(ValueError, match="different set of parameters"):
-        model.configure_optimizer(make_params()[:3], "adamw8bit").load_state_dict(opt1.state_dict())
+        optim.configure_optimizer(make_params()[:3], "adamw8bit").load_state_dict(opt1.state_dict())
 
 
 def test_compiled_training_steps_on_flat_views_match_eager():
@@ -175,7 +176,7 @@ def test_compiled_training_steps_on_flat_views_match_eager():
     sides = []
     for backend in (None, "aot_eager"):
         unet = model.init_random_(model.UNet(cfg), seed=0).to(memory_format=torch.channels_last)
-        opt = model.configure_optimizer(unet.parameters(), "adamw8bit", lr=1e-3)
+        opt = optim.configure_optimizer(unet.parameters(), "adamw8bit", lr=1e-3)
         net = torch.compile(unet, fullgraph=True, backend=backend) if backend else unet
         for _ in range(2):
             net(*batch).square().mean().backward()

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import data
+import tokenizer
 import model
 import sample_ablation as SA
 import schedule as S
@@ -28,7 +29,7 @@ def tiny_ckpt(tmp_path_factory):
     sdxl = model.init_random_(model.SDXL(model.SDXLConfig.tiny()), seed=0)
     path = str(d / "model.safetensors")
     model.save_checkpoint(sdxl, path, v_pred=True, ztsnr=True)
-    data.build_tiny_vocab(str(d / "diffusers" / "tokenizer"), CAPTIONS)
+    tokenizer.build_tiny_vocab(str(d / "diffusers" / "tokenizer"), CAPTIONS)
     return path
 
 

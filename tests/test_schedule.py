@@ -1,4 +1,4 @@
-"""schedule.py against math.md's test vectors, the VP identities, and diffusers' schedulers as the oracle."""
+"""schedule.py against docs/maths.md's test vectors, the VP identities, and diffusers' schedulers as the oracle."""
 import math
 
 import pytest
@@ -8,7 +8,28 @@ import schedule as S
 
 SCHEDULES = [(0.012, False), (0.012, True), (0.024, False), (0.024, True)]
 
-# math.md §2: abar_t for the four schedules
+
+# independent formulas the tests check the schedule against (docs/maths.md §2, §3)
+def betas_from_abar(abar):
+    """beta_t = 1 - abar_t / abar_{t-1} (beta_0 = 1 - abar_0); 1.0 exactly at a zero-SNR last step."""
+    return 1.0 - torch.cat([abar[:1], abar[1:] / abar[:-1]])
+
+
+def x0_from_v(z, v, t, abar):  # x_hat = alpha z - sigma v_hat
+    a = abar[t].reshape(-1, *([1] * (z.dim() - 1))).to(z.dtype)
+    return a.sqrt() * z - (1 - a).sqrt() * v
+
+
+def eps_from_v(z, v, t, abar):  # eps_hat = sigma z + alpha v_hat
+    a = abar[t].reshape(-1, *([1] * (z.dim() - 1))).to(z.dtype)
+    return (1 - a).sqrt() * z + a.sqrt() * v
+
+
+def sigma_max(abar):  # the equivalent k-diffusion (VE) sigma at the last step
+    a = float(abar[-1])
+    return math.inf if a == 0 else math.sqrt((1 - a) / a)
+
+# docs/maths.md §2: abar_t for the four schedules
 VECTORS = {
     0: (0.99915, 0.99915, 0.99915, 0.99915),
     1: (0.9982960278, 0.9982334461, 0.9982933723, 0.998287146),
@@ -31,10 +52,10 @@ def test_abar_vectors(col):
 
 
 def test_more_vectors():
-    b = S.betas_from_abar(S.alphas_cumprod(0.024))
+    b = betas_from_abar(S.alphas_cumprod(0.024))
     assert b[999].item() == pytest.approx(0.024, rel=1e-12)
     abar_z = S.alphas_cumprod(0.024, zsnr=True)
-    bz = S.betas_from_abar(abar_z)
+    bz = betas_from_abar(abar_z)
     assert bz[998].item() == pytest.approx(0.7526157344, rel=1e-9)
     assert bz[999].item() == 1.0 and abar_z[999].item() == 0.0
     assert abar_z[0].item() == S.alphas_cumprod(0.024)[0].item()  # abar_0 unchanged by the rescale
@@ -43,9 +64,9 @@ def test_more_vectors():
     assert lam[999].item() == -math.inf and not torch.isnan(lam).any()
     for be, z in SCHEDULES:
         assert S.log_snr(S.alphas_cumprod(be, z))[0].item() == pytest.approx(7.06942, abs=1e-5)
-    assert S.sigma_max(S.alphas_cumprod(0.012)) == pytest.approx(14.6146, abs=1e-4)
-    assert S.sigma_max(S.alphas_cumprod(0.024)) == pytest.approx(138.608, abs=1e-3)
-    # math.md §5: lambda at t=749 and 998 on the three sampler schedules
+    assert sigma_max(S.alphas_cumprod(0.012)) == pytest.approx(14.6146, abs=1e-4)
+    assert sigma_max(S.alphas_cumprod(0.024)) == pytest.approx(138.608, abs=1e-3)
+    # docs/maths.md §5: lambda at t=749 and 998 on the three sampler schedules
     for (be, z), l749, l998 in [((0.024, True), -5.105, -18.66), ((0.024, False), -4.939, -9.839),
                                 ((0.012, False), -2.813, -5.352)]:
         lam = S.log_snr(S.alphas_cumprod(be, z))
@@ -67,7 +88,7 @@ def test_loss_weight_table():
         assert w.shape == (5,) and torch.isfinite(w).all(), kind
         for got, exp in zip(w.tolist(), want):
             assert got == pytest.approx(exp, rel=2e-4, abs=2e-6), (kind, got, exp)
-    # every t, every kind, finite; sigmoid-k crosses 0.5 at t=7 with k=5 (math.md §4)
+    # every t, every kind, finite; sigmoid-k crosses 0.5 at t=7 with k=5 (docs/maths.md §4)
     tt = torch.arange(1000)
     for kind in S.WEIGHTINGS:
         assert torch.isfinite(S.loss_weight(tt, abar, kind)).all()
@@ -85,16 +106,16 @@ def test_identities():
     abar = S.alphas_cumprod(0.024, zsnr=True)
     z = S.add_noise(x, eps, t, abar)
     v = S.v_target(x, eps, t, abar)
-    torch.testing.assert_close(S.x0_from_v(z, v, t, abar), x, rtol=0, atol=1e-12)
-    torch.testing.assert_close(S.eps_from_v(z, v, t, abar), eps, rtol=0, atol=1e-12)
+    torch.testing.assert_close(x0_from_v(z, v, t, abar), x, rtol=0, atol=1e-12)
+    torch.testing.assert_close(eps_from_v(z, v, t, abar), eps, rtol=0, atol=1e-12)
     # at the zsnr step z is pure noise and v = -x
     torch.testing.assert_close(z[5], eps[5])
     torch.testing.assert_close(v[5], -x[5])
     # eps - eps_hat = alpha (v - v_hat), x - x_hat = -sigma (v - v_hat)
     dv = 0.01 * torch.randn(v.shape, generator=g, dtype=v.dtype)
     a = abar[t].reshape(-1, 1, 1, 1)
-    torch.testing.assert_close(eps - S.eps_from_v(z, v + dv, t, abar), -a.sqrt() * dv)
-    torch.testing.assert_close(x - S.x0_from_v(z, v + dv, t, abar), (1 - a).sqrt() * dv)
+    torch.testing.assert_close(eps - eps_from_v(z, v + dv, t, abar), -a.sqrt() * dv)
+    torch.testing.assert_close(x - x0_from_v(z, v + dv, t, abar), (1 - a).sqrt() * dv)
     # alpha^2 = sigmoid(lambda)
     torch.testing.assert_close(torch.sigmoid(S.log_snr(abar)), abar)
 
@@ -182,7 +203,7 @@ def test_oracle_ddim(prediction, beta_end, zsnr, steps):
         torch.testing.assert_close(x0, r.pred_original_sample, atol=2e-4, rtol=2e-4)
         torch.testing.assert_close(zp, r.prev_sample, atol=2e-4, rtol=2e-4)  # set_alpha_to_one: last = x0
         z = zp
-    if zsnr and prediction == "v":  # math.md §5: at t=999 the oracle's x0 is exactly -v_hat
+    if zsnr and prediction == "v":  # docs/maths.md §5: at t=999 the oracle's x0 is exactly -v_hat
         ref.set_timesteps(steps)
         o = torch.randn(z.shape, generator=g)
         assert torch.equal(ref.step(o, 999, z).pred_original_sample, -o)

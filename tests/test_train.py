@@ -114,7 +114,7 @@ def test_nan_loss_skips_step_without_touching_state(assets):
     if not (d / "two_steps.pt").exists():
         run(d / "two", common, "--max_iters=2")
         os.replace(d / "two" / "ckpt.pt", d / "two_steps.pt")
-    r = run(d / "nan", common, "--max_iters=3", "--fault_nan_at=2")
+    r = run(d / "nan", common, "--max_iters=3", "--debug_nan_at=2")
     assert "iter 2: non-finite loss" in r.stdout and "skipped 1" in r.stdout
     two, nan = torch.load(d / "two_steps.pt", map_location="cpu", weights_only=False), ckpt(d / "nan")
     assert nan["skipped"] == 1 and nan["iter_num"] == 3
@@ -211,7 +211,7 @@ def test_compiled_run_warms_every_bucket_past_dynamo_limit(tmp_path):
     run(tmp_path / "eager", common)
     env = dict(os.environ, TORCH_LOGS="recompiles")
     r = subprocess.run([sys.executable, "train.py", "config/tiny.py", f"--out_dir={tmp_path}/compiled", *common,
-                        "--compile=True", "--compile_backend=eager"], cwd=ROOT, capture_output=True, text=True,
+                        "--compile=True", "--debug_compile_backend=eager"], cwd=ROOT, capture_output=True, text=True,
                        timeout=900, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     n = int(next(l for l in r.stdout.splitlines() if l.startswith("compiled ") and "buckets in" in l).split()[1])

@@ -1,11 +1,8 @@
 #!/usr/bin/env bash
-# The GPU checks of issues 3, 5 and 7 in one call on a lent H100/H200 (random weights of the real shapes; no
-# SDXL weights exist there). Needs the bitsandbytes + diffusers wheels in .whl/ (../shared/gpu/prepare_wheels.sh).
-# Every stage has its own time limit so one slow compile cannot eat the others; logs go to $OUT.
+# The GPU measurements in one call on an H100/H200 (random weights of the real shapes). bitsandbytes and diffusers
+# must be importable (a machine without network installs them from wheels first). Every stage has its own time
+# limit so one slow compile cannot eat the others; logs go to $OUT.
 #   STAGES="parity eager compiled 24gb train" bash tests/gpu/run.sh
-# A device call may run 600 s and a session has 15 min of device time: pick stages to fit, e.g.
-#   STAGES="compiled 24gb"  (two cold full-UNet compiles, > 150 s each on an H200, then the 24 GB mode)
-#   STAGES="eager sdpa train"
 set -u
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 STAGES=${STAGES:-"parity eager compiled 24gb train"}

@@ -1,0 +1,301 @@
+"""
+The cache of the frozen encoders' outputs: every image's VAE mean and every caption's text embeddings are
+computed once, before training, and read back from disk (and RAM) by the loader.
+
+    cache = build_cache(items, sdxl, tok, "out/vpred/cache", device="cuda", rank=rank, world=world)
+    mean, context, pooled = cache.load(items)       # what data.collate builds a batch from
+
+Files: cache_dir/latents/ab/<key>.safetensors holds the VAE encoder mean (fp32 VAE, unscaled; x VAE_SCALE when a
+batch is built), keyed by (image bytes, bucket, resize, crop, flip, VAE fingerprint); cache_dir/text/ab/<key>
+holds (context, pooled), keyed by (te1 ids, te2 ids, text-encoder fingerprint): token ids rather than caption
+text, so a tokenizer change invalidates and equal captions share one file. A changed input is a new key (stale
+files are never read); corrupt files (unreadable, wrong shape, NaN/inf) are found at build time and recomputed.
+A cached batch equals one encoded on the fly, bit for bit when the encoders' output does not depend on the
+batch they run in. Under DDP each rank encodes its share of the missing entries.
+"""
+import contextlib
+import hashlib
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import data
+import files
+from configurator import UserError
+from tokenizer import tokenize
+
+# -----------------------------------------------------------------------------
+# running the frozen encoders (always in fp32: the SDXL VAE overflows in fp16)
+
+@contextlib.contextmanager
+def _fp32(module):
+    """Run a module in fp32 (the SDXL VAE overflows in fp16), restoring each tensor's dtype afterwards."""
+    if not isinstance(module, torch.nn.Module):
+        yield
+        return
+    named = lambda: list(module.named_parameters()) + list(module.named_buffers())
+    dtypes = {name: t.dtype for name, t in named()}
+    if all(d == torch.float32 or not d.is_floating_point for d in dtypes.values()):
+        yield
+        return
+    module.float()
+    try:
+        yield
+    finally:
+        for name, t in named():  # by name: .float() replaces buffer objects (parameters keep theirs)
+            t.data = t.data.to(dtypes[name])
+
+
+def encode_images(vae, items, device="cpu", pool=None):
+    """VAE encoder mean, fp32, unscaled, on the CPU: [B, C, h/8, w/8] for same-bucket items."""
+    images = list(pool.map(data.load_image, items)) if pool else [data.load_image(it) for it in items]
+    x = torch.stack(images).to(device)
+    with torch.no_grad(), torch.autocast(torch.device(device).type, enabled=False), _fp32(vae):
+        mean, _ = vae.encode(x)
+    return mean.float().cpu()
+
+
+def encode_captions(encode_text, tokens1, tokens2, device="cpu"):
+    with torch.no_grad(), torch.autocast(torch.device(device).type, enabled=False):
+        context, pooled = encode_text(tokens1.to(device), tokens2.to(device))
+    return context.float().cpu(), pooled.float().cpu()
+
+
+def weights_fingerprint(*modules, n_sample=8):
+    """A cheap hash of modules' weights: every name and shape, plus a strided sample of values of n_sample
+    evenly spaced tensors (a fine-tune moves every tensor, so a sample catches it). Part of cache keys."""
+    h = hashlib.blake2b(digest_size=16)
+    for m in modules:
+        sd = m.state_dict()
+        names = sorted(sd)
+        for k in names:
+            h.update(f"{k}:{tuple(sd[k].shape)};".encode())
+        for k in names[:: max(1, len(names) // n_sample)]:
+            t = sd[k]
+            if t.is_meta or not t.is_floating_point():
+                continue
+            flat = t.detach().reshape(-1)
+            flat = flat[:: max(1, flat.numel() // 4096)].float().cpu().contiguous()  # fp32 values: dtype-blind
+            h.update(flat.numpy().tobytes())
+    return h.hexdigest()
+
+
+# -----------------------------------------------------------------------------
+# the cache: one safetensors file per entry, content-addressed
+
+def _latent_key(item, vae_fp):
+    spec = f"latent v1|{item.file_hash}|{item.bucket}|{item.resized_hw}|{item.crop_tl}|{item.flip}|lanczos|{vae_fp}"
+    return data.hash_bytes(spec.encode())
+
+
+def _text_key(t1, t2, text_fp):
+    # keyed by the token ids rather than the caption: a tokenizer change invalidates, equal tokens share
+    return data.hash_bytes(b"text v1|" + t1.numpy().tobytes() + b"|" + t2.numpy().tobytes() + b"|" + text_fp.encode())
+
+
+class Cache:
+    """Cached VAE means (unscaled) and text embeddings of a list of items, kept in RAM up to ram_gb.
+
+    Files: cache_dir/latents/ab/<key>.safetensors ("mean" [C, h, w]) and cache_dir/text/ab/<key>.safetensors
+    ("context" [77, D], "pooled" [P]), all fp32, keys from _latent_key / _text_key. A key that changes (new
+    image bytes, bucket, crop, flip, weights, tokens) names a new file, so stale entries are never read.
+    """
+
+    def __init__(self, cache_dir, lat_keys, txt_keys, ram_gb=8.0):
+        self.dir = cache_dir
+        self.lat_keys, self.txt_keys = lat_keys, txt_keys  # item.index -> key
+        self.ram, self.ram_used, self.ram_bytes = {}, 0, int(ram_gb * 2 ** 30)
+
+    def path(self, kind, key):
+        return os.path.join(self.dir, kind, key[:2], key + ".safetensors")
+
+    def keep(self, kind, key, tensors):
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        if (kind, key) not in self.ram and self.ram_used + size <= self.ram_bytes:
+            self.ram[(kind, key)] = tensors
+            self.ram_used += size
+
+    def check(self, kind, key, shapes, full=True):
+        """None if the file exists and holds finite fp32 tensors of the expected shapes; else why not."""
+        path = self.path(kind, key)
+        if not os.path.exists(path):
+            return "missing"
+        try:
+            if not full:  # header only: names, shapes, dtypes, key
+                with safe_open(path, "pt") as f:
+                    if (f.metadata() or {}).get("key") != key:
+                        return "wrong key"
+                    got = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+                want = {k: (tuple(s), "F32") for k, s in shapes.items()}
+                return None if got == want else f"expected {want}, found {got}"
+            with safe_open(path, "pt") as f:
+                if (f.metadata() or {}).get("key") != key:
+                    return "wrong key"
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:
+            return f"unreadable ({type(e).__name__}: {e})"
+        got = {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}
+        want = {k: (tuple(s), torch.float32) for k, s in shapes.items()}
+        if got != want:
+            return f"expected {want}, found {got}"
+        if not all(torch.isfinite(v).all() for v in tensors.values()):
+            return "non-finite values"
+        self.keep(kind, key, tensors)  # the check read it anyway
+        return None
+
+    def write(self, kind, key, tensors):
+        path = self.path(kind, key)
+        with files.atomic_path(path) as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"key": key})
+        self.keep(kind, key, tensors)
+
+    def read(self, kind, key):
+        got = self.ram.get((kind, key))
+        if got is None:
+            got = load_file(self.path(kind, key))
+            self.keep(kind, key, got)
+        return got
+
+    def load(self, items):
+        """-> (mean [B, C, h, w] unscaled, context [B, 77, D], pooled [B, P]), fp32."""
+        lat = [self.read("latents", self.lat_keys[it.index])["mean"] for it in items]
+        txt = [self.read("text", self.txt_keys[it.index]) for it in items]
+        return (torch.stack(lat), torch.stack([t["context"] for t in txt]), torch.stack([t["pooled"] for t in txt]))
+
+
+class _Progress:
+    def __init__(self, what, total):
+        self.what, self.total, self.done, self.t0, self.last = what, total, 0, time.time(), 0.0
+
+    def step(self, n):
+        self.done += n
+        now = time.time()
+        if self.done == self.total or now - self.last > 10:
+            self.last = now
+            rate = self.done / max(now - self.t0, 1e-9)
+            eta = (self.total - self.done) / max(rate, 1e-9)
+            print(f"cache {self.what}: {self.done}/{self.total} ({100 * self.done / self.total:.0f}%) "
+                  f"{rate:.1f}/s eta {eta:.0f}s")
+
+
+def _fingerprints(encoders, vae_fp, text_fp):
+    if vae_fp is None:
+        vae_fp = weights_fingerprint(encoders.vae)
+    if text_fp is None:
+        if not (hasattr(encoders, "te1") and hasattr(encoders, "te2")):
+            raise ValueError("encoders has no te1/te2 to fingerprint: pass text_fp (weights_fingerprint of the text encoders)")
+        text_fp = weights_fingerprint(encoders.te1, encoders.te2)  # not the whole model: the UNet trains
+    return vae_fp, text_fp
+
+
+def build_cache(items, encoders, tokenizer, cache_dir, device="cpu", batch_size=8, rank=0, world=1, vae_fp=None,
+                text_fp=None, verify=True, ram_gb=8.0, workers=8):
+    """Make sure every item's VAE mean and text embedding is cached; return the Cache.
+
+    encoders: the SDXL model (or a stand-in) with .vae.encode(img [B,3,H,W] in [-1,1]) -> (mean, logvar) and
+    .encode_text(tokens1, tokens2) -> (context [B,77,D], pooled [B,P]). vae_fp / text_fp default to
+    weights_fingerprint(encoders.vae) and weights_fingerprint(encoders.te1, encoders.te2).
+    The steps: (1) the key of every entry; (2) which files are missing or corrupt (verify=True reads each file
+    fully, False only its header); (3) those are encoded, latents in same-bucket batches of batch_size, captions
+    in batches of 4x that, each rank its share; (4) under DDP, what another rank failed to write is encoded here.
+    """
+    cache_dir = os.path.abspath(cache_dir)
+    if cache_dir in {os.path.dirname(it.path) for it in items}:
+        raise UserError(f"cache_dir {cache_dir} is an image folder of the dataset; keep the cache elsewhere")
+    distributed = world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not distributed:  # no process group: nobody else would do the other shares
+        rank, world = 0, 1
+    vae, encode_text = encoders.vae, encoders.encode_text
+    vae_fp, text_fp = _fingerprints(encoders, vae_fp, text_fp)
+
+    # 1. keys: one latent entry per (image, plan), one text entry per distinct token pair
+    tokens1, tokens2 = tokenize(tokenizer, [it.caption for it in items])
+    cache = Cache(cache_dir, {it.index: _latent_key(it, vae_fp) for it in items},
+                  {it.index: _text_key(tokens1[i], tokens2[i], text_fp) for i, it in enumerate(items)}, ram_gb)
+    images, captions = {}, {}  # key -> what to encode
+    for i, it in enumerate(items):
+        images.setdefault(cache.lat_keys[it.index], it)
+        captions.setdefault(cache.txt_keys[it.index], (tokens1[i], tokens2[i]))
+
+    # 2. what is missing or corrupt, against the shapes one tiny probe of each encoder gives
+    channels, factor, text_shapes = _output_shapes(vae, encode_text, tokenizer, device)
+    lat_shapes = {k: {"mean": (channels, it.bucket[0] // factor, it.bucket[1] // factor)} for k, it in images.items()}
+    lat_todo = _todo(cache, "latents", lat_shapes, verify)
+    txt_todo = _todo(cache, "text", dict.fromkeys(captions, text_shapes), verify)
+
+    # 3. encode, in batches that never mix two buckets; rank r takes batches r, r + world, ...
+    bucket = lambda k: images[k].bucket
+    lat_batches = _same_bucket_chunks(sorted(lat_todo, key=lambda k: (bucket(k), images[k].index)), bucket, batch_size)
+    txt_batches = [txt_todo[i:i + 4 * batch_size] for i in range(0, len(txt_todo), 4 * batch_size)]
+    if distributed:  # every rank must have listed its to-dos before anyone writes, or the shares differ
+        torch.distributed.barrier()
+    with ThreadPoolExecutor(max(1, workers)) as pool:  # decodes a batch's images in parallel
+        def encode_lat(keys):
+            mean = encode_images(vae, [images[k] for k in keys], device, pool)
+            return [{"mean": m.clone()} for m in mean]  # clone: one small storage per entry, not views of the batch
+
+        def encode_txt(keys):
+            context, pooled = encode_captions(encode_text, torch.stack([captions[k][0] for k in keys]),
+                                              torch.stack([captions[k][1] for k in keys]), device)
+            return [{"context": c.clone(), "pooled": p.clone()} for c, p in zip(context, pooled)]
+
+        _encode(cache, "latents", lat_batches[rank::world], encode_lat)
+        _encode(cache, "text", txt_batches[rank::world], encode_txt)
+        if distributed:  # 4. a rank that failed left holes: fill them here
+            torch.distributed.barrier()
+            others = lambda batches: [k for i, b in enumerate(batches) if i % world != rank for k in b]
+            redo = [k for k in others(lat_batches) if cache.check("latents", k, lat_shapes[k], full=verify)]
+            _encode(cache, "latents", _same_bucket_chunks(redo, bucket, batch_size), encode_lat)
+            redo = [k for k in others(txt_batches) if cache.check("text", k, text_shapes, full=verify)]
+            _encode(cache, "text", [redo[i:i + 4 * batch_size] for i in range(0, len(redo), 4 * batch_size)], encode_txt)
+    return cache
+
+
+def _output_shapes(vae, encode_text, tokenizer, device):
+    """(latent channels, VAE downsampling factor, text entry shapes), from one 64x64 image and one caption."""
+    probe = torch.zeros(1, 3, 64, 64, device=device)
+    with torch.no_grad(), torch.autocast(torch.device(device).type, enabled=False), _fp32(vae):
+        z = vae.encode(probe)[0]
+    context, pooled = encode_captions(encode_text, *tokenize(tokenizer, [""]), device=device)
+    return z.shape[1], 64 // z.shape[-1], {"context": tuple(context.shape[1:]), "pooled": tuple(pooled.shape[1:])}
+
+
+def _todo(cache, kind, shapes, verify):
+    """Keys (of shapes, key -> expected entry shapes) whose file is missing or corrupt; prints the tally."""
+    todo, bad = [], 0
+    for key, shape in shapes.items():
+        why = cache.check(kind, key, shape, full=verify)
+        if why is not None:
+            if why != "missing":
+                bad += 1
+                print(f"cache: {cache.path(kind, key)} is corrupt ({why}); recomputing")
+            todo.append(key)
+    print(f"cache {kind}: {len(shapes)} entries, {len(shapes) - len(todo)} cached, {len(todo) - bad} missing, {bad} corrupt")
+    return todo
+
+
+def _encode(cache, kind, batches, encode_batch):
+    """encode_batch(keys) -> one dict of tensors per key, written to the cache; progress every 10 s."""
+    if batches:
+        progress = _Progress(kind, sum(map(len, batches)))
+        for keys in batches:
+            for key, tensors in zip(keys, encode_batch(keys)):
+                cache.write(kind, key, tensors)
+            progress.step(len(keys))
+
+
+def _same_bucket_chunks(keys, bucket_of, size):
+    """Consecutive runs of keys (sorted by bucket) cut into chunks of <= size that never span two buckets."""
+    chunks, cur = [], []
+    for k in keys:
+        if cur and (len(cur) == size or bucket_of(k) != bucket_of(cur[0])):
+            chunks.append(cur)
+            cur = []
+        cur.append(k)
+    if cur:
+        chunks.append(cur)
+    return chunks

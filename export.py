@@ -1,0 +1,88 @@
+"""
+The diffusers config folder written next to an exported single file, so that
+
+    StableDiffusionXLPipeline.from_single_file("out/vpred/model.safetensors", config="out/vpred/diffusers",
+                                               local_files_only=True)
+
+loads it offline with the right scheduler: no UI can read beta_end 0.024 or zero terminal SNR from the file
+itself (docs/sdxl_format.md §6). Only JSON is written; diffusers is never imported.
+"""
+import json
+import os
+import shutil
+
+from model import TIME_ID_DIM, VAE_SCALE, SDXLConfig, UNetConfig
+
+
+def diffusers_unet_config(u: UNetConfig) -> dict:
+    """UNet2DConditionModel's config for a model.UNetConfig (also what bench.py builds diffusers' UNet from)."""
+    # diffusers builds the middle block with the deepest level's depth, so the two must agree
+    assert u.transformer_depth_middle == u.transformer_depth[-1], "diffusers: middle depth must equal last level's"
+    attn_levels = [d > 0 for d in u.transformer_depth]
+    return {"sample_size": 128, "in_channels": u.in_channels,
+            "out_channels": u.out_channels, "layers_per_block": u.num_res_blocks,
+            "block_out_channels": [u.model_channels * m for m in u.channel_mult],
+            "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn_levels],
+            "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn_levels)],
+            "mid_block_type": "UNetMidBlock2DCrossAttn",
+            # diffusers' attention_head_dim holds head COUNTS (C // 64); levels without attention ignore it
+            "attention_head_dim": [max(1, u.model_channels * m // u.head_dim) for m in u.channel_mult],
+            "transformer_layers_per_block": [max(1, d) for d in u.transformer_depth],
+            "cross_attention_dim": u.context_dim, "use_linear_projection": True, "norm_num_groups": u.num_groups,
+            "norm_eps": 1e-5, "act_fn": "silu", "flip_sin_to_cos": True, "freq_shift": 0,
+            "addition_embed_type": "text_time", "addition_time_embed_dim": TIME_ID_DIM,
+            "projection_class_embeddings_input_dim": u.adm_in_channels, "upcast_attention": False}
+
+
+def write_diffusers_config(cfg: SDXLConfig, folder, beta_end=0.012, zsnr=False, prediction="v", tokenizer_dirs=None):
+    """Write model_index.json + scheduler/unet/vae/text_encoder(_2)/tokenizer(_2) configs for `cfg`.
+    The scheduler is DDIM (eta=0), trailing spacing, final step to x0: the sampler in schedule.py.
+    tokenizer_dirs: (dir1, dir2) each holding vocab.json + merges.txt (SDXL's tokenizer/ and tokenizer_2/), or None
+    to leave the tokenizers out of the pipeline (pass tokenizer=... to from_single_file then)."""
+    u, v, t1, t2 = cfg.unet, cfg.vae, cfg.te1, cfg.te2
+    unet = {"_class_name": "UNet2DConditionModel", **diffusers_unet_config(u)}
+    vae = {"_class_name": "AutoencoderKL", "in_channels": v.in_channels, "out_channels": v.in_channels,
+           "block_out_channels": [v.ch * m for m in v.ch_mult], "layers_per_block": v.num_res_blocks,
+           "down_block_types": ["DownEncoderBlock2D"] * len(v.ch_mult),
+           "up_block_types": ["UpDecoderBlock2D"] * len(v.ch_mult), "latent_channels": v.z_channels,
+           "norm_num_groups": v.num_groups, "act_fn": "silu", "sample_size": 1024, "scaling_factor": VAE_SCALE,
+           "force_upcast": True}  # fp16 overflows in this VAE: diffusers decodes in fp32 when this is set
+
+    def text(c, arch):  # eos_token_id 2 = transformers' legacy pooling by argmax(ids), as SDXL's configs have it
+        return {"architectures": [arch], "model_type": "clip_text_model", "vocab_size": c.vocab_size,
+                "hidden_size": c.width, "intermediate_size": c.mlp_dim, "num_hidden_layers": c.layers,
+                "num_attention_heads": c.width // c.head_dim, "max_position_embeddings": c.n_ctx,
+                "hidden_act": c.act, "layer_norm_eps": 1e-5, "projection_dim": c.proj_dim or c.width,
+                "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1, "attention_dropout": 0.0, "dropout": 0.0}
+    scheduler = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
+                 "beta_end": beta_end, "beta_schedule": "scaled_linear", "rescale_betas_zero_snr": bool(zsnr),
+                 "prediction_type": "v_prediction" if prediction == "v" else "epsilon",
+                 "timestep_spacing": "trailing", "steps_offset": 0, "set_alpha_to_one": True, "clip_sample": False}
+    index = {"_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True,
+             "scheduler": ["diffusers", "DDIMScheduler"], "unet": ["diffusers", "UNet2DConditionModel"],
+             "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+             "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"]}
+    files = {"model_index.json": index, "scheduler/scheduler_config.json": scheduler, "unet/config.json": unet,
+             "vae/config.json": vae, "text_encoder/config.json": text(t1, "CLIPTextModel"),
+             "text_encoder_2/config.json": text(t2, "CLIPTextModelWithProjection")}
+    if tokenizer_dirs is None:
+        index["tokenizer"] = index["tokenizer_2"] = [None, None]
+    else:
+        for sub, src in zip(("tokenizer", "tokenizer_2"), tokenizer_dirs):
+            os.makedirs(os.path.join(folder, sub), exist_ok=True)
+            for name in ("vocab.json", "merges.txt"):
+                shutil.copyfile(os.path.join(src, name), os.path.join(folder, sub, name))
+            with open(os.path.join(src, "vocab.json"), encoding="utf-8") as fh:
+                id_to_token = {i: tok for tok, i in json.load(fh).items()}
+            # CLIP-L pads with EOS; bigG pads with id 0 ("!" in the real vocabulary)
+            pad = "<|endoftext|>" if sub == "tokenizer" else id_to_token[0]
+            special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+                       "pad_token": pad}
+            files[f"{sub}/special_tokens_map.json"] = special
+            files[f"{sub}/tokenizer_config.json"] = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77,
+                                                      "do_lower_case": True, **special}
+    for name, content in files.items():
+        os.makedirs(os.path.dirname(os.path.join(folder, name)) or folder, exist_ok=True)
+        with open(os.path.join(folder, name), "w") as fh:
+            json.dump(content, fh, indent=2)

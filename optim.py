@@ -1,0 +1,162 @@
+"""
+The optimizers, as nanoGPT's configure_optimizers: train.py and bench.py build them the same way.
+
+    opt = configure_optimizer(unet.parameters(), "adamw8bit", lr, betas, eps, weight_decay)   # after the last .to()
+
+FlatAdamW8bit is bitsandbytes' 8-bit AdamW (Dettmers et al. 2022, arXiv 2110.02861) run over a few flat buffers
+instead of once per tensor, bitwise equal to bnb.optim.AdamW8bit; docs/maths.md §8 explains the layout, §7 the
+stochastic rounding that keeps sub-ulp updates of pure-bf16 weights.
+"""
+import torch
+
+def stochastic_round_bf16(x, generator=None):
+    """fp32 -> bf16, rounding up or down with probability proportional to closeness, so E[out] = x.
+    bf16 is the top half of fp32's bits: add uniform noise to the 16 bits that are cut, then truncate."""
+    bits = x.contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
+    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)  # exact: low bits are zero
+
+
+BNB_BLOCK = 256  # bitsandbytes' blockwise 8-bit state: one absmax per 256 consecutive elements
+BNB_MIN_8BIT = 4096  # bitsandbytes' min_8bit_size: smaller tensors keep 32-bit state
+
+
+class FlatAdamW8bit(torch.optim.Optimizer):
+    """bitsandbytes' AdamW8bit: its own update kernels, quantisation maps, block size and 8/32-bit split, the
+    same numbers as bnb.optim.AdamW8bit, but run over a few flat buffers instead of once per tensor.
+
+    Why: bnb steps tensor by tensor (1680 on the SDXL UNet), each a Python call, a custom-op dispatch and a
+    kernel launch, and it synchronises the device after each one; on an H200 that step took 97 ms of a
+    426 ms batch-4 step. Here every parameter and its grad become
+    views into one buffer per (param group, 8/32-bit state), each tensor starting on a 256-element block
+    boundary, so the blockwise quantisation sees exactly the blocks it sees per tensor (the zero padding
+    leaves every absmax alone) and one kernel call updates a whole buffer.
+    Also: (1) views keep each parameter's memory format (channels_last conv weights stay NHWC; bnb's own
+    update_step makes them contiguous, which breaks a UNet compiled for channels_last); (2) bf16 weights keep
+    sub-ulp updates (docs/maths.md §7): the update runs in fp32 on a chunk copy and is written back with stochastic
+    rounding, one chunk at a time instead of fp32 master weights.
+    Contract: build it after the model's last .to(); parameters that get no gradient see a zero one (Adam's
+    momentum still moves them; bnb would skip them); a grad replaced by assignment is copied into the buffer."""
+
+    def __init__(self, groups, lr=1e-5, betas=(0.9, 0.95), eps=1e-8, seed=0, chunk=0):
+        import bitsandbytes.functional as bnbF
+        super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, weight_decay=0.0))
+        self.bnbF, self.seed, self.chunk, self.n_steps, self.sr_gen = bnbF, seed, chunk, 0, None
+        assert chunk % BNB_BLOCK == 0, "chunks (elements per kernel call; 0 = by device) are whole 256-blocks"
+        self.buffers = [self._flatten(gi, ps, eight) for gi, group in enumerate(self.param_groups)
+                        for eight in (True, False)
+                        if (ps := [p for p in group["params"] if (p.numel() >= BNB_MIN_8BIT) == eight])]
+        dev = self.buffers[0]["p"].device if self.buffers else "cpu"
+        self.qmap1 = bnbF.create_dynamic_map(signed=True).to(dev)  # bnb's "dynamic" map: first moment
+        self.qmap2 = bnbF.create_dynamic_map(signed=False).to(dev)  # "udynamic": second moment
+
+    @torch.no_grad()
+    def _flatten(self, gi, ps, eight):
+        dev, dt = ps[0].device, ps[0].dtype
+        offsets, n = [], 0
+        for p in ps:
+            assert p.device == dev and p.dtype == dt, "one device and dtype per parameter group"
+            assert p.is_contiguous() or p.is_contiguous(memory_format=torch.channels_last), "dense parameters only"
+            offsets.append(n)
+            n += -(-p.numel() // BNB_BLOCK) * BNB_BLOCK
+        flat_p, flat_g = torch.zeros(n, dtype=dt, device=dev), torch.zeros(n, dtype=dt, device=dev)
+        for p, o in zip(ps, offsets):  # the old storage of each parameter is freed as it moves
+            p.data = flat_p.as_strided(p.shape, p.stride(), o).copy_(p.data)
+            p.grad = flat_g.as_strided(p.shape, p.stride(), o)
+        buf = {"group": gi, "p": flat_p, "g": flat_g, "params": ps, "grads": [p.grad for p in ps],
+               "ptrs": [p.data_ptr() for p in ps]}
+        state = torch.uint8 if eight else torch.float32  # the 8-bit state carries one fp32 absmax per block
+        buf.update(state1=torch.zeros(n, dtype=state, device=dev), state2=torch.zeros(n, dtype=state, device=dev))
+        if eight:
+            buf.update(absmax1=torch.zeros(n // BNB_BLOCK, device=dev), absmax2=torch.zeros(n // BNB_BLOCK, device=dev))
+        return buf
+
+    def _check(self, buf):
+        for p, g, ptr in zip(buf["params"], buf["grads"], buf["ptrs"]):
+            if p.data_ptr() != ptr:
+                raise RuntimeError(f"parameter {tuple(p.shape)} no longer lives in the optimizer's flat buffer (was "
+                                   "the model moved or cast after configure_optimizer?): build the optimizer last")
+            if p.grad is not g:  # assigned, or recreated after someone set it to None: take its values
+                g.copy_(p.grad if p.grad is not None else torch.zeros_like(g))
+                p.grad = g
+
+    def _update(self, buf, group, p, g, lo, hi):
+        """One bitsandbytes kernel call over elements [lo, hi) of a buffer (p, g: those elements)."""
+        beta1, beta2 = group["betas"]
+        s1, s2 = buf["state1"][lo:hi], buf["state2"][lo:hi]
+        if "absmax1" in buf:  # lo, hi are block aligned
+            a, b = lo // BNB_BLOCK, hi // BNB_BLOCK
+            self.bnbF.optimizer_update_8bit_blockwise(
+                "adam", g, p, s1, s2, beta1, beta2, 0.0, 0.0, group["eps"], self.n_steps, group["lr"], self.qmap1,
+                self.qmap2, buf["absmax1"][a:b], buf["absmax2"][a:b], group["weight_decay"], gnorm_scale=1.0)
+        else:
+            self.bnbF.optimizer_update_32bit("adam", g, p, s1, beta1, group["eps"], self.n_steps, group["lr"], s2,
+                                            beta2, 0.0, 0.0, group["weight_decay"], 1.0)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        assert closure is None, "no closure"
+        self.n_steps += 1
+        for buf in self.buffers:
+            self._check(buf)
+            group, p, g = self.param_groups[buf["group"]], buf["p"], buf["g"]
+            if p.dtype == torch.bfloat16 and self.sr_gen is None:
+                self.sr_gen = torch.Generator(device=p.device).manual_seed(self.seed)
+            chunk = self.chunk or (1 << 26 if p.is_cuda else 1 << 20)  # CPU: temporaries that stay in cache
+            for lo in range(0, p.numel(), chunk):
+                hi = min(p.numel(), lo + chunk)
+                if p.dtype != torch.bfloat16:
+                    self._update(buf, group, p[lo:hi], g[lo:hi], lo, hi)
+                    continue
+                q = p[lo:hi].float()
+                self._update(buf, group, q, g[lo:hi].float(), lo, hi)
+                p[lo:hi] = stochastic_round_bf16(q, self.sr_gen)
+
+    @torch.no_grad()
+    def zero_grad(self, set_to_none=True):
+        """Zero the flat grad buffers (one fill each); grads stay views, whatever set_to_none says."""
+        for buf in self.buffers:
+            self._check(buf)
+            buf["g"].zero_()
+
+    def _layout(self):
+        return [[buf["group"]] + [p.numel() for p in buf["params"]] for buf in self.buffers]
+
+    def state_dict(self):
+        keys = ("state1", "state2", "absmax1", "absmax2")
+        return {"n_steps": self.n_steps, "layout": self._layout(),
+                "buffers": [{k: buf[k] for k in keys if k in buf} for buf in self.buffers],
+                "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
+                "sr_gen": self.sr_gen.get_state() if self.sr_gen is not None else None}
+
+    @torch.no_grad()
+    def load_state_dict(self, sd):
+        if sd.get("layout") != self._layout():
+            raise ValueError("optimizer state was saved for a different set of parameters (layout differs)")
+        for buf, saved in zip(self.buffers, sd["buffers"]):
+            for k, v in saved.items():
+                buf[k].copy_(v)
+        for group, saved in zip(self.param_groups, sd["param_groups"]):
+            group.update(saved)
+        self.n_steps = sd["n_steps"]
+        if sd["sr_gen"] is not None:
+            self.sr_gen = torch.Generator(device=self.buffers[0]["p"].device)
+            self.sr_gen.set_state(sd["sr_gen"])
+
+
+def configure_optimizer(params, name="adamw8bit", lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01,
+                        fused=False, seed=0):
+    """Decoupled weight decay on >= 2-D tensors (matmul/conv weights) only, as nanoGPT.
+    adamw8bit: bitsandbytes' 8-bit AdamW on flat buffers (FlatAdamW8bit: parameters and grads become views,
+    so build it after the model's last .to()), stochastic rounding for bf16 weights;
+    adamw: torch (fused on CUDA); adafactor: torch.optim.Adafactor (no betas)."""
+    params = [p for p in params if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    if name == "adamw8bit":
+        return FlatAdamW8bit(groups, lr=lr, betas=betas, eps=eps, seed=seed)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
+    if name == "adafactor":
+        return torch.optim.Adafactor(groups, lr=lr)
+    raise ValueError(f"optimizer must be adamw8bit | adamw | adafactor, got {name!r}")

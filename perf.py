@@ -1,0 +1,32 @@
+"""
+The cost model of the UNet training step: model FLOPs per image, counted at the real shape, and the dense bf16
+peak of the GPUs we know, for MFU (docs/performance.md §1). train.py and bench.py both use it.
+"""
+import torch
+
+from model import UNet
+
+# dense bf16 peak TFLOP/s; the first name found in the device name wins, so longer names come first
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0,
+               "L40S": 362.0, "4090": 165.0, "A6000": 155.0, "L4": 121.0, "B200": 2250.0}
+
+
+def peak_tflops(device_name):
+    """Dense bf16 TFLOP/s for a CUDA device name, 0.0 when unknown (MFU is then not printed)."""
+    return next((v for key, v in PEAK_TFLOPS.items() if key in device_name), 0.0)
+
+
+def unet_flops(cfg, h, w, batch=1):
+    """Model FLOPs of one forward + backward of the UNet on `batch` latents of (h, w), without checkpointing
+    (recomputation is not credited). Counted on the meta device, so nothing is allocated, and RNG-neutral, so
+    counting mid-run leaves an exact resume exact."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        net = UNet(cfg)
+        x = torch.randn(batch, cfg.in_channels, h, w)
+        context = torch.randn(batch, 77, cfg.context_dim)
+        y = torch.randn(batch, cfg.adm_in_channels)
+        t = torch.zeros(batch, dtype=torch.long)
+        with FlopCounterMode(display=False) as counter:
+            net(x, t, context, y).sum().backward()
+    return counter.get_total_flops()

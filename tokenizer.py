@@ -1,0 +1,252 @@
+"""
+The CLIP BPE tokenizer (Radford et al. 2021; Sennrich et al. 2016), one vocabulary for both SDXL text encoders,
+written from scratch so no runtime file needs transformers or open_clip (docs/sdxl_format.md §5).
+
+    tok = load_tokenizer("hf:stabilityai/stable-diffusion-xl-base-1.0")   # or a folder with vocab.json + merges.txt
+    ids = tok(["a photo of a cat"], pad_id=None)     # LongTensor [B, 77]: BOS, tokens, EOS, pads (EOS by default)
+    tokens1, tokens2 = tokenize(tok, captions)       # te1 pads with EOS, te2 with 0 (SDXL's tokenizer_2)
+
+Text cleaning follows transformers-5's CLIPTokenizer (NFC, whitespace runs -> one space, lower-case), not
+open_clip's ftfy + html.unescape: ids equal transformers' on every prompt tested, and differ from open_clip's on
+ligatures, fullwidth forms, curly quotes and HTML entities, which ftfy rewrites.
+"""
+import gzip
+import json
+import os
+import tempfile
+import unicodedata
+from functools import lru_cache
+
+import regex
+import torch
+
+import files
+from configurator import UserError
+
+CONTEXT_LENGTH = 77  # BOS + 75 tokens + EOS
+
+BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
+# CLIP's pre-split: specials, contractions, letter runs, single digits, runs of everything else. Written with
+# \p{White_Space} where CLIP writes \s: Python's \s also matches the ASCII separators \x1c-\x1f, which
+# Oniguruma (transformers' tokenizers) and Unicode do not count as whitespace.
+SPLIT_PATTERN = regex.compile(
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\p{White_Space}\p{L}\p{N}]+""")
+_WHITESPACE = regex.compile(r"\p{White_Space}+")
+# The specials are matched in the raw text, case-sensitively, before any cleaning (as transformers does with
+# its added tokens). "<|ENDOFTEXT|>" is text: lower-cased, pre-split as one piece, which transformers' byte-level
+# step splits again (GPT-2 pattern) into "<|", "endoftext", "|>" -- the only pieces that step changes.
+_SPECIALS = regex.compile(r"(<\|startoftext\|>|<\|endoftext\|>)")
+_SPECIAL_AS_TEXT = {BOS_TOKEN: ["<|", "startoftext", "|>"], EOS_TOKEN: ["<|", "endoftext", "|>"]}
+
+
+@lru_cache()
+def bytes_to_unicode():
+    """utf-8 byte -> printable unicode char (GPT-2/CLIP): printable bytes map to themselves, the rest to 256+n."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def clean_text(text):
+    """transformers-5 CLIPTokenizer normaliser: NFC, whitespace runs -> one space, lower-case."""
+    text = unicodedata.normalize("NFC", text)
+    text = _WHITESPACE.sub(" ", text)  # cosmetic: the pre-split drops whitespace anyway (no str.strip(): its
+    # whitespace includes \x1c-\x1f, see SPLIT_PATTERN)
+    # Python's lower() turns a word-final capital sigma into final-form "ς"; the tokenizers library lowers
+    # char by char (always "σ"). Lower it ourselves first so the ids match.
+    return text.replace("Σ", "σ").lower()
+
+
+def _byte_encode(piece):
+    enc = bytes_to_unicode()
+    return "".join(enc[b] for b in piece.encode("utf-8"))
+
+
+def _read_merges(path):
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    if lines and lines[0].startswith("#version"):
+        lines = lines[1:]
+    return [tuple(line.split()) for line in lines if line.strip()]
+
+
+class CLIPTokenizer:
+    """CLIP BPE tokenizer from a vocab.json + merges.txt pair (the SDXL repo's tokenizer/ folder).
+
+    tok(texts, pad_id=None) -> LongTensor [B, 77]: BOS, tokens, EOS, then pad_id (default EOS). Longer texts
+    are truncated to 75 tokens so position 76 holds EOS. BOS/EOS ids are read from the vocabulary, so small
+    vocabularies (build_tiny_vocab) work the same way.
+    """
+
+    def __init__(self, vocab_path, merges_path):
+        with open(vocab_path, encoding="utf-8") as f:
+            self.vocab = json.load(f)
+        merges = _read_merges(merges_path)
+        self.ranks = {pair: i for i, pair in enumerate(merges)}
+        self.bos, self.eos = self.vocab[BOS_TOKEN], self.vocab[EOS_TOKEN]
+        self.vocab_size = len(self.vocab)
+        self.cache = {}  # piece (after cleaning and pre-split) -> ids
+
+    def bpe(self, word):
+        """Byte-level word (str) -> list of BPE symbols, the last one ending in '</w>' (CLIP's algorithm)."""
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        ranks = self.ranks
+        while len(symbols) > 1:
+            best, best_rank = None, None
+            for pair in zip(symbols, symbols[1:]):
+                r = ranks.get(pair)
+                if r is not None and (best_rank is None or r < best_rank):
+                    best, best_rank = pair, r
+            if best is None:
+                break
+            first, second = best
+            merged, i = [], 0
+            while i < len(symbols):  # merge every occurrence, left to right
+                if i < len(symbols) - 1 and symbols[i] == first and symbols[i + 1] == second:
+                    merged.append(first + second)
+                    i += 2
+                else:
+                    merged.append(symbols[i])
+                    i += 1
+            symbols = merged
+        return symbols
+
+    def encode(self, text):
+        """text -> token ids, without BOS/EOS and without truncation."""
+        ids = []
+        for k, part in enumerate(_SPECIALS.split(text)):
+            if k % 2:  # a special token, written literally in the prompt
+                ids.append(self.vocab[part])
+                continue
+            for piece in SPLIT_PATTERN.findall(clean_text(part)):
+                got = self.cache.get(piece)
+                if got is None:
+                    # an unknown symbol only comes from a malformed vocabulary: EOS, like transformers' unk
+                    got = [self.vocab.get(s, self.eos) for word in _SPECIAL_AS_TEXT.get(piece, [piece])
+                           for s in self.bpe(_byte_encode(word))]
+                    if len(self.cache) < 500_000:  # bound the memory a stream of unique junk words can take
+                        self.cache[piece] = got
+                ids.extend(got)
+        return ids
+
+    def __call__(self, texts, pad_id=None, length=CONTEXT_LENGTH):
+        if isinstance(texts, str):
+            texts = [texts]
+        pad = self.eos if pad_id is None else pad_id
+        rows = []
+        for text in texts:
+            ids = [self.bos] + self.encode(text)[: length - 2] + [self.eos]
+            rows.append(ids + [pad] * (length - len(ids)))
+        return torch.tensor(rows, dtype=torch.long).reshape(len(rows), length)
+
+
+def _write_vocab(out_dir, vocab_list, merges):
+    os.makedirs(out_dir, exist_ok=True)
+    vocab = {}
+    for tok in vocab_list:
+        vocab.setdefault(tok, len(vocab))  # a duplicate (two merges giving one string) keeps its first id
+    files.write_json(os.path.join(out_dir, "vocab.json"), vocab, ensure_ascii=False)
+    files.write_text(os.path.join(out_dir, "merges.txt"),
+                       "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    return out_dir
+
+
+def _base_vocab():
+    chars = list(bytes_to_unicode().values())
+    return chars + [c + "</w>" for c in chars]
+
+
+def openclip_bpe_path():
+    """Where the open_clip_torch wheel keeps its vocabulary, found without importing open_clip."""
+    import importlib.util
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("open_clip_torch is not installed: `pip install --no-deps open_clip_torch` "
+                                "puts bpe_simple_vocab_16e6.txt.gz on disk, or pass the file's path")
+    return os.path.join(list(spec.submodule_search_locations)[0], "bpe_simple_vocab_16e6.txt.gz")
+
+
+def vocab_from_openclip(bpe_gz_path=None, out_dir="tokenizer"):
+    """Write vocab.json + merges.txt with the same content as SDXL's tokenizer/ files, from open_clip's .gz."""
+    bpe_gz_path = bpe_gz_path or openclip_bpe_path()
+    with gzip.open(bpe_gz_path) as f:
+        lines = f.read().decode("utf-8").split("\n")
+    # line 0 is a header; CLIP uses the first 49152 - 256 - 2 = 48894 merges (49408 = 512 + 48894 + 2)
+    merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]
+    vocab = _base_vocab() + ["".join(m) for m in merges] + [BOS_TOKEN, EOS_TOKEN]
+    assert len(vocab) == 49408, len(vocab)
+    return _write_vocab(out_dir, vocab, merges)
+
+
+def build_tiny_vocab(out_dir, texts, n_merges=256):
+    """Learn a small CLIP-style BPE vocabulary from texts: 256 bytes + their '</w>' forms + merges + specials.
+
+    Greedy BPE (Sennrich et al. 2016): repeatedly merge the most frequent adjacent pair (ties: smallest pair),
+    counting pairs over the cleaned, pre-split, byte-encoded words of the texts.
+    """
+    counts = {}
+    for text in texts:
+        for part in _SPECIALS.split(text)[::2]:
+            for piece in SPLIT_PATTERN.findall(clean_text(part)):
+                for word in _SPECIAL_AS_TEXT.get(piece, [piece]):
+                    counts[word] = counts.get(word, 0) + 1
+    words = [[list(w[:-1]) + [w[-1] + "</w>"], c] for w, c in
+             ((_byte_encode(p), c) for p, c in sorted(counts.items()))]
+    merges = []
+    for _ in range(n_merges):
+        pairs = {}
+        for symbols, c in words:
+            for pair in zip(symbols, symbols[1:]):
+                pairs[pair] = pairs.get(pair, 0) + c
+        if not pairs:
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(best)
+        for w in words:
+            s, merged, i = w[0], [], 0
+            while i < len(s):
+                if i < len(s) - 1 and s[i] == best[0] and s[i + 1] == best[1]:
+                    merged.append(s[i] + s[i + 1])
+                    i += 2
+                else:
+                    merged.append(s[i])
+                    i += 1
+            w[0] = merged
+    vocab = _base_vocab() + ["".join(m) for m in merges] + [BOS_TOKEN, EOS_TOKEN]
+    return _write_vocab(out_dir, vocab, merges)
+
+
+def tokenizer_folder(spec):
+    """The local folder holding vocab.json + merges.txt for a spec: a folder (or its tokenizer/ subfolder), or
+    "hf:REPO" (downloads REPO's tokenizer/ folder with huggingface_hub)."""
+    spec = str(spec)
+    if spec.startswith("hf:"):
+        from huggingface_hub import snapshot_download  # lazy: only this path needs the hub
+        # an SDXL-style repo keeps them in tokenizer/, a CLIP repo at its root
+        spec = snapshot_download(spec[3:], allow_patterns=["vocab.json", "merges.txt", "tokenizer/vocab.json",
+                                                           "tokenizer/merges.txt"])
+    for folder in (spec, os.path.join(spec, "tokenizer")):
+        if os.path.isfile(os.path.join(folder, "vocab.json")) and os.path.isfile(os.path.join(folder, "merges.txt")):
+            return folder
+    raise FileNotFoundError(f"no vocab.json + merges.txt in {spec} (nor in {spec}/tokenizer); "
+                            f"use a folder, an open_clip .txt.gz, or hf:REPO")
+
+
+def load_tokenizer(spec):
+    """spec: a folder or "hf:REPO" as in tokenizer_folder, or open_clip's bpe_simple_vocab_16e6.txt.gz."""
+    spec = str(spec)
+    if spec.endswith(".gz"):
+        spec = vocab_from_openclip(spec, tempfile.mkdtemp(prefix="clip_vocab_"))
+    folder = tokenizer_folder(spec)
+    return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"))
+
+
+def tokenize(tok, captions, pad2=0):
+    """(ids for te1 padded with EOS, ids for te2 padded with pad2 = 0, "!", as SDXL's tokenizer_2 does)."""
+    return tok(captions), tok(captions, pad_id=pad2)
