@@ -28,7 +28,9 @@ dense bf16 peak of the device (table below, or --peak_tflops).
 """
 import dataclasses
 import gc
+import math
 import os
+import re
 import platform
 import statistics
 import time
@@ -112,12 +114,22 @@ def train_keys():
 for _key, _default in train_keys().items():
     globals().setdefault(_key, _default)
 config = configurator.configure(globals())
+configurator.check(config, choices={
+    "prediction": ("v", "eps"), "weighting": schedule.WEIGHTINGS, "optimizer": optim.OPTIMIZERS,
+    "precision": ("amp", "bf16"), "dtype": ("float32", "bfloat16", "float16"), "model_size": ("auto", "tiny", "full"),
+    "compare": ("", "diffusers"), "sdpa": ("", "flash", "cudnn", "efficient", "math")}, at_least={
+    "resolution": 32, "batch_size": 1, "width": 0, "warmup": 0, "iters": 1, "rounds": 1, "threads": 0,
+    "peak_tflops": 0, "lr": 0, "weight_decay": 0, "adam_eps": 0, "grad_clip": 0, "gamma": 0}, within={
+    "beta1": (0, 1), "beta2": (0, 1), "beta_start": (0, 1), "beta_end": (beta_start, 1), "k": (-math.inf, math.inf)})
+if resolution % 32 or (width and width % 32):  # latents are 1/8, halved twice by the UNet; GroupNorm's 32 groups
+    raise configurator.UserError(f"config error: --resolution ({resolution}) and --width ({width}) must be multiples of 32")
+if not re.fullmatch(r"cpu|cuda(:\d+)?", device) or (device != "cpu" and int(device[5:] or 0) >= torch.cuda.device_count()):
+    raise configurator.UserError(f"config error: --device={device!r}: this machine has {torch.cuda.device_count()} CUDA devices")
 # -----------------------------------------------------------------------------
 
 device_type = "cuda" if device.startswith("cuda") else "cpu"
 ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 amp = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
-assert precision in ("amp", "bf16"), f"precision must be 'amp' or 'bf16', got {precision!r}"
 wdtype = torch.bfloat16 if precision == "bf16" else torch.float32  # weight (and input) dtype
 if device_type == "cpu" and threads:
     torch.set_num_threads(threads)
@@ -126,7 +138,6 @@ if device_type == "cuda":
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True  # one shape for the whole run: let cuDNN pick its conv algorithms
     if sdpa:  # SDPA dispatches at run time, so this holds for compiled graphs too
-        assert sdpa in ("flash", "cudnn", "efficient", "math"), f"sdpa must be flash|cudnn|efficient|math, got {sdpa!r}"
         for name, on in (("flash", "flash"), ("cudnn", "cudnn"), ("mem_efficient", "efficient"), ("math", "math")):
             getattr(torch.backends.cuda, f"enable_{name}_sdp")(sdpa == on)
 torch.manual_seed(seed)
@@ -147,8 +158,8 @@ def build_unet():
     size = model_size if model_size != "auto" else ("full" if init_from == "random" else "file"
                                                     if os.path.isfile(path) else "tiny" if tiny_size else "missing")
     if size == "missing":
-        raise SystemExit(f"init_from {init_from!r} is not a file: use --init_from=random (full-size SDXL, random "
-                         "weights), --model_size=tiny, or a config with tiny_size=True")
+        raise configurator.UserFileNotFound(f"init_from {init_from!r} is not a file: use --init_from=random (full-size "
+                                            "SDXL, random weights), --model_size=tiny, or a config with tiny_size=True")
     if size == "file":
         unet = checkpoint.load_checkpoint(path, device="cpu", dtype=torch.float32).unet
     else:
@@ -347,7 +358,6 @@ batch = {"x0": torch.randn(batch_size, ucfg.in_channels, h, w, generator=g),  # 
 batch = {k: v.to(device) for k, v in batch.items()}
 nets = [("ours", unet, call_ours, compile)]
 if compare:
-    assert compare == "diffusers", f"compare must be '' or 'diffusers', got {compare!r}"
     theirs = build_diffusers(unet)  # on our device
     nets.append(("diffusers", theirs, call_diffusers, compile and compile_diffusers))
     err = equivalence(unet, theirs)

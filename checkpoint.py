@@ -15,12 +15,17 @@ import time
 
 import torch
 
+import files
 from configurator import UserError
 from model import PREFIX, SDXL, TIME_ID_DIM, SDXLConfig, TextConfig, UNetConfig, VAEConfig
 
 
 class CheckpointError(UserError):
     """The file is not an SDXL base checkpoint in the sgm layout; the message says what is wrong / what it is."""
+
+
+class MissingCheckpoint(CheckpointError, FileNotFoundError):
+    """There is no file at the path given."""
 
 
 IGNORED_KEYS = {"v_pred", "ztsnr", PREFIX["te1"] + "embeddings.position_ids"}  # markers, constant int64 ids
@@ -97,23 +102,28 @@ def config_from_shapes(shapes: dict) -> SDXLConfig:
 
 
 def fetch(spec):
-    """hf:OWNER/NAME/FILE -> a local path through huggingface_hub's cache (lazy import); else a local path."""
+    """hf:OWNER/NAME/FILE -> a local path through huggingface_hub's cache (lazy import); else the path itself."""
     if not spec.startswith("hf:"):
         return spec
+    parts = spec[3:].split("/", 2)
+    if len(parts) != 3 or not all(parts):
+        raise UserError(f"{spec!r}: a hub checkpoint is named hf:OWNER/NAME/FILE, e.g. "
+                        "hf:stabilityai/stable-diffusion-xl-base-1.0/sd_xl_base_1.0.safetensors")
     from huggingface_hub import hf_hub_download
-    owner, name, filename = spec[3:].split("/", 2)
-    return hf_hub_download(f"{owner}/{name}", filename)
-
-
-def load_checkpoint(path, device="cpu", dtype=torch.float32) -> SDXL:
-    """Load an SDXL base single-file sgm checkpoint (.safetensors). Sizes come from the tensor shapes; the model is
-    built on the meta device and each tensor is read (memory-mapped) and cast on its own, so RAM never holds a
-    second copy. Raises CheckpointError (a ValueError) naming what is missing / unexpected / mis-shaped."""
-    from safetensors import SafetensorError, safe_open
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found (or not a file): {path}")
     try:
-        f = safe_open(str(path), framework="pt", device="cpu")
+        return hf_hub_download(f"{parts[0]}/{parts[1]}", parts[2])
+    except Exception as e:  # offline, no such repo or file, no access: all fixed by the user, not by a traceback
+        raise UserError(f"cannot fetch {spec} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                        "check the name and the network, or download the file and pass its path") from None
+
+
+def _open(path):
+    """safe_open(path) with the file's failure modes as one CheckpointError each."""
+    from safetensors import safe_open
+    if not os.path.isfile(path):
+        raise MissingCheckpoint(f"checkpoint not found (or not a file): {path}")
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
     except Exception as e:  # SafetensorError for a bad header, OSError for an unreadable file
         with open(path, "rb") as fh:
             head = fh.read(2)
@@ -121,16 +131,32 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32) -> SDXL:
         hint = " It looks like a PyTorch pickle (.ckpt/.pt); convert it to .safetensors." if pickle else ""
         raise CheckpointError(f"{path}: not a readable safetensors file (truncated, or another format): "
                               f"{e}.{hint}") from None
-    with f:
+
+
+def _config(path, shapes):
+    missing_parts = [p for p in PREFIX.values() if not any(k.startswith(p) for k in shapes)]
+    if missing_parts:
+        raise CheckpointError(f"{path}: not an SDXL base checkpoint in the sgm layout; it looks like "
+                              f"{_looks_like(shapes)}. No keys under {', '.join(missing_parts)}")
+    try:
+        return config_from_shapes(shapes)
+    except KeyError as e:
+        raise CheckpointError(f"{path}: missing key {e.args[0]} (needed to infer the model sizes)") from None
+
+
+def read_config(path) -> SDXLConfig:
+    """The model sizes of a checkpoint from its header alone (nothing is loaded): for checks before loading."""
+    with _open(path) as f:
+        return _config(path, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+
+
+def load_checkpoint(path, device="cpu", dtype=torch.float32) -> SDXL:
+    """Load an SDXL base single-file sgm checkpoint (.safetensors). Sizes come from the tensor shapes; the model is
+    built on the meta device and each tensor is read (memory-mapped) and cast on its own, so RAM never holds a
+    second copy. Raises CheckpointError (a ValueError) naming what is missing / unexpected / mis-shaped."""
+    with _open(path) as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        missing_parts = [p for p in PREFIX.values() if not any(k.startswith(p) for k in shapes)]
-        if missing_parts:
-            raise CheckpointError(f"{path}: not an SDXL base checkpoint in the sgm layout; it looks like "
-                                  f"{_looks_like(shapes)}. No keys under {', '.join(missing_parts)}")
-        try:
-            cfg = config_from_shapes(shapes)
-        except KeyError as e:
-            raise CheckpointError(f"{path}: missing key {e.args[0]} (needed to infer the model sizes)") from None
+        cfg = _config(path, shapes)
         with torch.device("meta"):
             sdxl = SDXL(cfg)
         expected = {k: tuple(t.shape) for k, t in sdxl.state_dict().items()}
@@ -160,7 +186,7 @@ def write_safetensors(tensors, path, metadata, dtype=None):
     """The safetensors format written by hand: 8-byte header length, JSON header, raw little-endian data.
     Keys and metadata in sorted order, so the same weights always give the same bytes (safetensors' own
     writer orders metadata by a randomly seeded hash map), and one tensor at a time is cast and copied,
-    so SDXL is never held twice in RAM. Atomic: a temp file in the same folder, then os.replace.
+    so SDXL is never held twice in RAM. Atomic (files.atomic_path).
     dtype: cast floating-point tensors to it on the way out (None = keep)."""
     names = sorted(tensors)
     out_dtype = {k: dtype if dtype is not None and tensors[k].is_floating_point() else tensors[k].dtype for k in names}
@@ -172,17 +198,11 @@ def write_safetensors(tensors, path, metadata, dtype=None):
         offset += n
     h = json.dumps(header, separators=(",", ":")).encode()
     h += b" " * (-len(h) % 8)  # the data starts 8-byte aligned
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(h)) + h)
-            for k in names:
-                t = tensors[k].detach().to(out_dtype[k]).contiguous().cpu()
-                f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with files.atomic_path(path, size=8 + len(h) + offset) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h)
+        for k in names:
+            t = tensors[k].detach().to(out_dtype[k]).contiguous().cpu()
+            f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
 def save_checkpoint(sdxl, path, v_pred=True, ztsnr=True, metadata=None, dtype=None):

@@ -19,6 +19,7 @@ stderr and exit with status 2, with no traceback (tracebacks are kept for bugs).
 """
 import ast
 import difflib
+import math
 import os
 import re
 import sys
@@ -30,6 +31,24 @@ _BOOL = {"true": True, "false": False, "yes": True, "no": False, "1": True, "0":
 
 class UserError(ValueError):
     """Something the user asked for cannot be done as asked; the message says what to do instead."""
+
+
+class UserFileNotFound(UserError, FileNotFoundError):
+    """A file or folder the user named does not exist."""
+
+
+def check(cfg, choices=None, at_least=None, within=None):
+    """One UserError naming every key whose value is not among its choices, below its minimum or outside its
+    closed range (NaN and inf fail every numeric check), so a script can check its whole config up front."""
+    bad = [f"--{k}={cfg[k]!r} is not one of {' | '.join(map(str, ok))}" for k, ok in (choices or {}).items()
+           if cfg[k] not in ok]
+    ranges = {**{k: (lo, math.inf) for k, lo in (at_least or {}).items()}, **(within or {})}
+    for k, (lo, hi) in ranges.items():
+        v = cfg[k]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
+            bad.append(f"--{k}={v!r} must be a finite number " + (f">= {lo}" if hi == math.inf else f"in [{lo}, {hi}]"))
+    if bad:
+        raise UserError("config error: " + "; ".join(bad))
 
 
 def _user_error_hook(kind, err, tb):
@@ -93,7 +112,7 @@ def _find_file(arg):
     for p in (arg, os.path.join(REPO, arg)):
         if os.path.isfile(p):
             return p
-    raise FileNotFoundError(f"config file {arg!r} not found (looked in {os.getcwd()} and {REPO})")
+    raise UserFileNotFound(f"config file {arg!r} not found (looked in {os.getcwd()} and {REPO})")
 
 
 def _help(g, keys):

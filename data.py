@@ -31,6 +31,7 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 
 import files
+from configurator import UserError, UserFileNotFound
 from model import VAE_SCALE
 from tokenizer import CLIPTokenizer, load_tokenizer  # noqa: F401 (public names, kept importable here)
 
@@ -82,7 +83,7 @@ def make_synthetic_dataset(root, n=64, seed=0, sizes=((128, 128), (96, 160), (16
         with open(mpath) as f:
             old = json.load(f)
         if old != manifest:
-            raise ValueError(f"{root} holds a different synthetic dataset ({old}); delete it or use another root")
+            raise UserError(f"{root} holds a different synthetic dataset ({old}); delete it or use another folder")
         if complete():
             print(f"synthetic dataset: {root} is complete ({n} images), nothing to do")
             return root
@@ -210,47 +211,78 @@ def _probe_image(path, verify):
     return hash_bytes(data), (h, w)
 
 
+CAPTION_KEYS = ("text", "caption", "prompt")  # what metadata.jsonl files call the caption, in order of preference
+
+
 def _read_metadata(root, log=print):
+    """root/metadata.jsonl -> {normalised file_name: caption or None (= use the .txt)}, or None without the file.
+    A line that is not UTF-8, not JSON, not an object or has no file_name is skipped with one printed line."""
     path = os.path.join(root, "metadata.jsonl")
     if not os.path.exists(path):
         return None
     captions = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                    captions[os.path.normpath(row["file_name"])] = str(row.get("text", ""))
-                except (ValueError, KeyError, TypeError) as e:
-                    log(f"metadata.jsonl line {n}: skipped ({e!r})")
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                row = json.loads(raw.decode("utf-8")) if raw.strip() else {}
+            except (UnicodeDecodeError, ValueError) as e:
+                log(f"metadata.jsonl line {n}: skipped ({type(e).__name__}: not UTF-8 JSON)")
+                continue
+            if not row:
+                continue
+            if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+                log(f"metadata.jsonl line {n}: skipped (not an object with a file_name string)")
+                continue
+            key = next((k for k in CAPTION_KEYS if k in row), None)
+            caption = row.get(key)
+            if isinstance(caption, list) and all(isinstance(c, str) for c in caption):
+                caption = ", ".join(caption)  # a list of tags
+            elif caption is not None and not isinstance(caption, (str, int, float)):
+                log(f"metadata.jsonl line {n}: {key} is a {type(caption).__name__}, read as an empty caption")
+                caption = ""
+            elif key is None:
+                log(f"metadata.jsonl line {n}: none of {', '.join(CAPTION_KEYS)}; the .txt caption is used, if any")
+            elif caption is None:
+                log(f"metadata.jsonl line {n}: {key} is null, read as an empty caption")
+                caption = ""
+            captions[os.path.normpath(row["file_name"])] = None if caption is None else str(caption)
     return captions
+
+
+def _image_files(root):
+    """Relative paths of the images under root, sorted; symlinked folders are followed, each real folder once."""
+    rels, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a link back up the tree, or a second link to the same folder
+            dirnames.clear()
+            continue
+        seen.add(real)
+        dirnames.sort()
+        rels += [os.path.relpath(os.path.join(dirpath, fn), root) for fn in filenames if fn.lower().endswith(IMAGE_EXTS)]
+    return sorted(rels)
 
 
 def scan_dataset(root, buckets=None, seed=0, crop="center", flip=False, min_pixels=None, verify=True, workers=8,
                  quiet=False):
     """Find every image under root, check it, and plan its bucket, resize, crop and flip -> [Item].
 
-    Images: .png .jpg .jpeg .webp, recursive, sorted by relative path. Captions: root/metadata.jsonl
-    (`file_name`, `text`) if present, else the same-stem .txt; none -> empty caption, counted once. Skipped
-    with one printed line each: zero-size, unreadable, undecodable or truncated files, and images under
-    min_pixels (default: the smallest bucket's area, i.e. images that would need upscaling for any bucket).
-    buckets=None plans against make_buckets()'s defaults and skips no size (enough to read the captions).
-    quiet=True prints nothing.
+    Images: .png .jpg .jpeg .webp, recursive (through symlinked folders), sorted by relative path. Captions:
+    root/metadata.jsonl (`file_name` and `text`, or `caption` / `prompt`) if present, else the same-stem .txt;
+    none -> empty caption, counted once. Skipped with one printed line each: zero-size, unreadable,
+    undecodable or truncated files, and images under min_pixels (default: the smallest bucket's area, i.e. no
+    image is upscaled). Images above min_pixels but smaller than their bucket are upscaled to cover it, as
+    kohya's sd-scripts does by default, and counted. buckets=None plans against make_buckets()'s defaults and
+    skips no size (enough to read the captions). quiet=True prints nothing.
     """
     root = os.path.abspath(root)
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"dataset folder {root} does not exist")
+        raise UserFileNotFound(f"dataset folder {root} does not exist")
     if buckets is None:
         buckets, min_pixels = make_buckets(), (0 if min_pixels is None else min_pixels)
     min_pixels = min(h * w for h, w in buckets) if min_pixels is None else min_pixels
     log = (lambda *a: None) if quiet else print
-    rels = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for fn in filenames:
-            if fn.lower().endswith(IMAGE_EXTS):
-                rels.append(os.path.relpath(os.path.join(dirpath, fn), root))
-    rels.sort()
+    rels = _image_files(root)
     meta = _read_metadata(root, log)
 
     def probe(rel):
@@ -262,13 +294,13 @@ def scan_dataset(root, buckets=None, seed=0, crop="center", flip=False, min_pixe
     t0 = time.time()
     with ThreadPoolExecutor(max(1, workers)) as pool:  # Pillow releases the GIL while decoding
         probed = list(pool.map(probe, rels))
-    items, skipped, no_caption = [], {}, []
+    items, skipped, no_caption, upscaled = [], {}, [], 0
     for rel, (got, err) in zip(rels, probed):
         reason = None
         if err is not None:
             reason = "zero-size file" if str(err) == "zero-size file" else f"cannot read/decode ({type(err).__name__}: {err})"
         elif got[1][0] * got[1][1] < min_pixels:
-            reason = f"too small ({got[1][0]}x{got[1][1]} < {min_pixels} pixels, the smallest bucket)"
+            reason = f"too small ({got[1][0]}x{got[1][1]} < min_pixels {min_pixels})"
         if reason:
             log(f"skip {rel}: {reason}")
             kind = reason.split(" (")[0]
@@ -290,6 +322,7 @@ def scan_dataset(root, buckets=None, seed=0, crop="center", flip=False, min_pixe
         resized, crop_tl, flipped = plan_crop(orig_hw, bucket, crop, flip, _item_rng(seed, rel))
         items.append(Item(len(items), os.path.join(root, rel), rel, caption, file_hash, orig_hw, bucket,
                           resized, crop_tl, flipped))
+        upscaled += resized[0] > orig_hw[0]
     if meta is not None:
         gone = sorted(set(meta) - {os.path.normpath(r) for r in rels})
         if gone:
@@ -297,9 +330,20 @@ def scan_dataset(root, buckets=None, seed=0, crop="center", flip=False, min_pixe
     if no_caption:
         log(f"{len(no_caption)} images have no caption (trained with an empty caption), e.g. {no_caption[0]}")
     detail = ", ".join(f"{v} {k}" for k, v in sorted(skipped.items()))
-    log(f"scan {root}: {len(rels)} image files, {len(items)} kept, {len(rels) - len(items)} skipped"
+    log(f"scan {root}: {len(rels)} image files, {len(items)} kept ({upscaled} upscaled to their bucket), "
+        f"{len(rels) - len(items)} skipped"
           f"{' (' + detail + ')' if detail else ''}, {time.time() - t0:.1f}s")
     return items
+
+
+def split_eval(items, n, quiet=False):
+    """(the first n items, held out for the eval; the rest, to train on). A training image whose bytes equal a
+    held-out one's is left out, or the eval would measure memorisation."""
+    held_out = {it.file_hash for it in items[:n]}
+    train = [it for it in items[n:] if it.file_hash not in held_out]
+    if len(train) < len(items) - n and not quiet:
+        print(f"{len(items) - n - len(train)} training images are byte-identical to held-out ones: not trained on")
+    return items[:n], train
 
 
 def print_bucket_histogram(items, global_batch=None):
@@ -332,7 +376,7 @@ def load_image(item):
     with open(item.path, "rb") as f:
         data = f.read()
     if hash_bytes(data) != item.file_hash:
-        raise RuntimeError(f"{item.path} changed since the scan; rescan the dataset")
+        raise UserError(f"{item.path} changed while this run was reading the dataset; run again to rescan it")
     (rh, rw), (top, left), (bh, bw) = item.resized_hw, item.crop_tl, item.bucket
     with Image.open(io.BytesIO(data)) as im:
         im = _to_rgb(ImageOps.exif_transpose(im))
@@ -361,6 +405,14 @@ def collate(items, source, dropped=None, vae_scale=VAE_SCALE):
     time_ids = torch.tensor([[*it.orig_hw, *it.crop_tl, *it.bucket] for it in items], dtype=torch.float32)
     return {"latents": mean.mul_(vae_scale), "context": context, "pooled": pooled, "time_ids": time_ids,
             "index": torch.tensor([it.index for it in items], dtype=torch.long), "dropped": dropped}
+
+
+def check_order(sd, seed, global_batch):
+    """A saved loader state continues this run's order only with the same seed and global batch."""
+    if sd["seed"] != seed or sd["global_batch"] != global_batch:
+        raise UserError(f"the data order was saved with seed {sd['seed']} and global batch {sd['global_batch']} "
+                        f"(batch_size x processes); this run has seed {seed} and global batch {global_batch}: "
+                        f"resume with the same seed and batch_size x processes")
 
 
 class Loader:
@@ -436,9 +488,7 @@ class Loader:
                 "seed": self.seed, "global_batch": self.global_batch, "n_items": len(self.items)}
 
     def load_state_dict(self, sd):
-        if sd["seed"] != self.seed or sd["global_batch"] != self.global_batch:
-            raise ValueError(f"data state was saved with seed {sd['seed']}, global batch {sd['global_batch']}; "
-                             f"this run has seed {self.seed}, global batch {self.global_batch}: the order differs")
+        check_order(sd, self.seed, self.global_batch)
         if sd["n_items"] != len(self.items):
             print(f"warning: dataset had {sd['n_items']} items when saved, now {len(self.items)}: order differs")
         self.epoch, self.position = int(sd["epoch"]), int(sd["position"])

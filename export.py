@@ -9,8 +9,8 @@ itself (docs/sdxl_format.md §6). Only JSON is written; diffusers is never impor
 """
 import json
 import os
-import shutil
 
+import files
 from model import TIME_ID_DIM, VAE_SCALE, SDXLConfig, UNetConfig
 
 
@@ -34,7 +34,8 @@ def diffusers_unet_config(u: UNetConfig) -> dict:
             "projection_class_embeddings_input_dim": u.adm_in_channels, "upcast_attention": False}
 
 
-def write_diffusers_config(cfg: SDXLConfig, folder, beta_end=0.012, zsnr=False, prediction="v", tokenizer_dirs=None):
+def write_diffusers_config(cfg: SDXLConfig, folder, beta_end=0.012, zsnr=False, prediction="v", tokenizer_dirs=None,
+                           beta_start=0.00085):
     """Write model_index.json + scheduler/unet/vae/text_encoder(_2)/tokenizer(_2) configs for `cfg`.
     The scheduler is DDIM (eta=0), trailing spacing, final step to x0: the sampler in schedule.py.
     tokenizer_dirs: (dir1, dir2) each holding vocab.json + merges.txt (SDXL's tokenizer/ and tokenizer_2/), or None
@@ -54,7 +55,7 @@ def write_diffusers_config(cfg: SDXLConfig, folder, beta_end=0.012, zsnr=False, 
                 "num_attention_heads": c.width // c.head_dim, "max_position_embeddings": c.n_ctx,
                 "hidden_act": c.act, "layer_norm_eps": 1e-5, "projection_dim": c.proj_dim or c.width,
                 "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1, "attention_dropout": 0.0, "dropout": 0.0}
-    scheduler = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
+    scheduler = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": beta_start,
                  "beta_end": beta_end, "beta_schedule": "scaled_linear", "rescale_betas_zero_snr": bool(zsnr),
                  "prediction_type": "v_prediction" if prediction == "v" else "epsilon",
                  "timestep_spacing": "trailing", "steps_offset": 0, "set_alpha_to_one": True, "clip_sample": False}
@@ -63,26 +64,24 @@ def write_diffusers_config(cfg: SDXLConfig, folder, beta_end=0.012, zsnr=False, 
              "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
              "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
              "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"]}
-    files = {"model_index.json": index, "scheduler/scheduler_config.json": scheduler, "unet/config.json": unet,
-             "vae/config.json": vae, "text_encoder/config.json": text(t1, "CLIPTextModel"),
-             "text_encoder_2/config.json": text(t2, "CLIPTextModelWithProjection")}
+    configs = {"model_index.json": index, "scheduler/scheduler_config.json": scheduler, "unet/config.json": unet,
+               "vae/config.json": vae, "text_encoder/config.json": text(t1, "CLIPTextModel"),
+               "text_encoder_2/config.json": text(t2, "CLIPTextModelWithProjection")}
     if tokenizer_dirs is None:
         index["tokenizer"] = index["tokenizer_2"] = [None, None]
     else:
         for sub, src in zip(("tokenizer", "tokenizer_2"), tokenizer_dirs):
-            os.makedirs(os.path.join(folder, sub), exist_ok=True)
             for name in ("vocab.json", "merges.txt"):
-                shutil.copyfile(os.path.join(src, name), os.path.join(folder, sub, name))
+                with open(os.path.join(src, name), "rb") as fh:
+                    files.write_bytes(os.path.join(folder, sub, name), fh.read())
             with open(os.path.join(src, "vocab.json"), encoding="utf-8") as fh:
                 id_to_token = {i: tok for tok, i in json.load(fh).items()}
             # CLIP-L pads with EOS; bigG pads with id 0 ("!" in the real vocabulary)
             pad = "<|endoftext|>" if sub == "tokenizer" else id_to_token[0]
             special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
                        "pad_token": pad}
-            files[f"{sub}/special_tokens_map.json"] = special
-            files[f"{sub}/tokenizer_config.json"] = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77,
+            configs[f"{sub}/special_tokens_map.json"] = special
+            configs[f"{sub}/tokenizer_config.json"] = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77,
                                                       "do_lower_case": True, **special}
-    for name, content in files.items():
-        os.makedirs(os.path.dirname(os.path.join(folder, name)) or folder, exist_ok=True)
-        with open(os.path.join(folder, name), "w") as fh:
-            json.dump(content, fh, indent=2)
+    for name, content in configs.items():
+        files.write_json(os.path.join(folder, name), content, indent=2)

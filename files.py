@@ -14,9 +14,11 @@ import tempfile
 from configurator import UserError
 
 _NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_UMASK = os.umask(0o022)  # read the process umask (the only way is to set it) and put it back
+os.umask(_UMASK)
 
 
-def _no_room(e):
+def no_room(e):
     """True if e (or what caused it) is a write that failed for lack of space."""
     while e is not None:
         if isinstance(e, OSError) and e.errno in _NO_ROOM:
@@ -37,9 +39,10 @@ def atomic_path(path, size=None):
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private; the finished file gets the usual permissions
         os.replace(tmp, path)
     except Exception as e:
-        if not _no_room(e):
+        if not no_room(e):
             raise
         written = os.path.getsize(tmp) if os.path.exists(tmp) else 0
         need = f"{size / 2**30:.2f} GiB" if size else f"more than the {written / 2**30:.2f} GiB written"
@@ -61,3 +64,27 @@ def write_text(path, text):
 
 def write_json(path, obj, **kw):
     write_text(path, json.dumps(obj, **kw))
+
+
+def lock(folder):
+    """Take folder/.lock, so that two runs never write the same folder; returns the open file, which holds the
+    lock until this process ends. An flock, so the kernel releases it however the process ends (kill -9
+    included): a dead run never holds it. Raises UserError naming the process that holds it."""
+    import fcntl
+    try:
+        os.makedirs(folder, exist_ok=True)
+        f = open(os.path.join(folder, ".lock"), "a+")
+    except OSError as e:  # a file in the way, no permission, a read-only disk
+        raise UserError(f"cannot write to {folder}: {e.strerror}; pick another folder") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise UserError(f"{folder} is in use by another run ({holder}); wait for it to end or pick another --out_dir")
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+    f.flush()
+    return f

@@ -40,6 +40,7 @@ from PIL import Image, ImageDraw, ImageFont
 import checkpoint
 import configurator
 import data
+import files
 import model
 import tokenizer
 
@@ -251,8 +252,7 @@ def main():
     s["stage_seconds"], s["total_seconds"] = dict(WALLS), round(sum(WALLS.values()), 1)
     results = {"config": config, "summary": s, "curve": curve, "quant": quant,
                "vae_raw_latent": {"mean": mu.tolist(), "std": sd.tolist()}}
-    with open(P("results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    files.write_json(P("results.json"), results, indent=1)
     if assets:
         os.makedirs(os.path.join(REPO, assets), exist_ok=True)
         for name in ("vae_recon.png", "progress.png", "ablation_eps.png", "ablation_vpred.png", "results.json"):

@@ -7,7 +7,10 @@ FlatAdamW8bit is bitsandbytes' 8-bit AdamW (Dettmers et al. 2022, arXiv 2110.028
 instead of once per tensor, bitwise equal to bnb.optim.AdamW8bit; docs/maths.md §8 explains the layout, §7 the
 stochastic rounding that keeps sub-ulp updates of pure-bf16 weights.
 """
+import logging
+
 import torch
+
 
 def stochastic_round_bf16(x, generator=None):
     """fp32 -> bf16, rounding up or down with probability proportional to closeness, so E[out] = x.
@@ -39,6 +42,8 @@ class FlatAdamW8bit(torch.optim.Optimizer):
     momentum still moves them; bnb would skip them); a grad replaced by assignment is copied into the buffer."""
 
     def __init__(self, groups, lr=1e-5, betas=(0.9, 0.95), eps=1e-8, seed=0, chunk=0):
+        # on CPU, bitsandbytes warns at import that its 4-bit matmul kernels are missing; nothing here uses them
+        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
         import bitsandbytes.functional as bnbF
         super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, weight_decay=0.0))
         self.bnbF, self.seed, self.chunk, self.n_steps, self.sr_gen = bnbF, seed, chunk, 0, None
@@ -144,6 +149,9 @@ class FlatAdamW8bit(torch.optim.Optimizer):
             self.sr_gen.set_state(sd["sr_gen"])
 
 
+OPTIMIZERS = ("adamw8bit", "adamw", "adafactor")
+
+
 def configure_optimizer(params, name="adamw8bit", lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01,
                         fused=False, seed=0):
     """Decoupled weight decay on >= 2-D tensors (matmul/conv weights) only, as nanoGPT.
@@ -159,4 +167,4 @@ def configure_optimizer(params, name="adamw8bit", lr=1e-5, betas=(0.9, 0.95), ep
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
     if name == "adafactor":
         return torch.optim.Adafactor(groups, lr=lr)
-    raise ValueError(f"optimizer must be adamw8bit | adamw | adafactor, got {name!r}")
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")

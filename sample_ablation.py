@@ -26,8 +26,8 @@ Writes FILE.png and FILE.json (the exact settings, the checkpoint's markers, the
 import json
 import math
 import os
+import re
 import shutil
-import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -37,10 +37,12 @@ import torch
 import cache
 import checkpoint
 import configurator
+import files
 import data
 import model
 import schedule
 import tokenizer as clip_tokenizer
+from configurator import UserError, UserFileNotFound
 
 # -----------------------------------------------------------------------------
 ckpt = ""  # single-file sgm checkpoint: local .safetensors or hf:REPO/FILE
@@ -75,8 +77,11 @@ def panel_list(specs):
     """(beta_end, zsnr, prediction[, label]) tuples -> dicts with label, schedule and the sampler's abar."""
     out = []
     for spec in specs:
+        if not isinstance(spec, (tuple, list)) or len(spec) not in (3, 4) or spec[2] not in ("v", "eps") or \
+                not isinstance(spec[0], (int, float)) or not 0 < spec[0] < 1:
+            raise UserError(f"config error: panel {spec!r} must be (beta_end in (0, 1), zsnr, prediction 'v' or 'eps'"
+                            f"[, label])")
         beta_end, zsnr, pred = float(spec[0]), bool(spec[1]), str(spec[2])
-        assert pred in ("v", "eps"), f"panel {spec!r}: prediction must be 'v' or 'eps'"
         label = spec[3] if len(spec) > 3 else f"{beta_end:g}{' + zsnr' if zsnr else ''}, as {pred}"
         out.append({"label": label, "beta_end": beta_end, "zsnr": zsnr, "prediction": pred,
                     "abar": schedule.alphas_cumprod(beta_end, zsnr)})
@@ -87,7 +92,7 @@ def check_sampling(panel_dicts):
     """Fail before sampling: an eps reading on a zero-SNR schedule divides by alpha = 0 at t=999 (docs/maths.md §3)."""
     for p in panel_dicts:
         if p["prediction"] == "eps" and p["zsnr"]:
-            raise ValueError(f"panel {p['label']!r}: an eps reading on a zero-terminal-SNR schedule is undefined at "
+            raise UserError(f"panel {p['label']!r}: an eps reading on a zero-terminal-SNR schedule is undefined at "
                              f"t=999 (x0 = (z - sigma eps) / alpha, alpha = 0); use prediction 'v' or zsnr False")
 
 
@@ -195,10 +200,8 @@ def save_grid(images, rows, cols, path, row_labels=None, col_labels=None):
     for r, label in enumerate(row_labels or []):
         for n, line in enumerate(_wrap(draw, label, font, left - 6, max(1, H // line_h))):
             draw.text((3, top + r * H + 3 + n * line_h), line, fill="black", font=font)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    grid.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with files.atomic_path(path) as tmp:
+        grid.save(tmp, format="PNG")
     return grid
 
 
@@ -267,7 +270,8 @@ def held_out(sdxl, tok, folder, n, H, W, seed, device):
         data.make_synthetic_dataset(folder, n=n, seed=seed)  # data.py's sizes, resized to H x W like training
     try:
         items = data.scan_dataset(folder, buckets=[(H, W)], seed=seed, min_pixels=0)[:n]
-        assert items, f"no images in {folder}"
+        if not items:
+            raise UserError(f"--dataset_dir={folder}: no usable images for the error table")
         mean = torch.cat([cache.encode_images(sdxl.vae, items[i:i + 4], device) for i in range(0, len(items), 4)])
     finally:
         if tmp:
@@ -292,51 +296,69 @@ def unet_fn(sdxl, context, pooled, time_ids, batch_size=4, amp_dtype=None):
 # -----------------------------------------------------------------------------
 
 def read_prompts(spec):
+    """'' -> the built-in prompts; a file -> its non-empty lines; else 'p1|p2|...'. Something that looks like a
+    path (a text-file suffix, or a slash and no space) and does not exist is an error, not a prompt."""
     if not spec:
         return list(_PROMPTS)
     if os.path.isfile(spec):
-        with open(spec, encoding="utf-8") as f:
-            return [line.strip() for line in f if line.strip()]
-    assert not spec.endswith(".txt"), f"prompt file {spec} not found"
-    return [p.strip() for p in spec.split("|") if p.strip()]
+        with open(spec, encoding="utf-8", errors="replace") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    elif spec.lower().endswith((".txt", ".csv", ".json", ".jsonl", ".md")) or ("/" in spec and " " not in spec):
+        raise UserFileNotFound(f"prompts file {spec} not found (--prompts is a file with one prompt per line, "
+                               f"or 'prompt 1|prompt 2|...')")
+    else:
+        prompts = [p.strip() for p in spec.split("|") if p.strip()]
+    if not prompts:
+        raise UserError(f"--prompts={spec!r} holds no prompt")
+    return prompts
 
 
 def write_json(obj, path):
     clean = lambda v: None if isinstance(v, float) and math.isnan(v) else v  # strict JSON: NaN -> null
     walk = lambda o: {k: walk(v) for k, v in o.items()} if isinstance(o, dict) else \
         [walk(v) for v in o] if isinstance(o, (list, tuple)) else clean(o)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(walk(obj), f, indent=1, default=str)
-    os.replace(tmp, path)
+    files.write_json(path, walk(obj), indent=1, default=str)
 
 
 def main():
     config = configurator.configure(globals())
-    assert ckpt, "set --ckpt=PATH.safetensors or --ckpt=hf:REPO/FILE"
+    # everything the config shows, before anything is loaded
+    configurator.check(config, choices={"dtype": ("", "float32", "bfloat16", "float16")},
+                       at_least={"height": 0, "width": 0, "batch_size": 1, "quant_n": 1},
+                       within={"steps": (1, 1000), "guidance": (-math.inf, math.inf), "phi": (0, 1),
+                               "train_beta_end": (0, 1)})
+    if not ckpt:
+        raise UserError("config error: set --ckpt=PATH.safetensors or --ckpt=hf:OWNER/NAME/FILE")
+    if device and (not re.fullmatch(r"cpu|cuda(:\d+)?", device) or (device != "cpu" and int(device[5:] or 0) >= torch.cuda.device_count())):
+        raise UserError(f"config error: --device={device!r}: this machine has {torch.cuda.device_count()} CUDA devices")
+    if not seeds or not all(isinstance(s, int) for s in seeds):
+        raise UserError(f"config error: --seeds={seeds!r} must be a non-empty list of integers")
+    if quant and dataset_dir and not os.path.isdir(dataset_dir):
+        raise UserFileNotFound(f"--dataset_dir={dataset_dir!r} is not a folder")
     t_start = time.time()
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     amp_dtype = getattr(torch, dtype) if dtype else None
     pds = panel_list(panels)
-    check_sampling(pds)  # before anything slow
+    check_sampling(pds)
     plist = read_prompts(prompts)
     path = checkpoint.fetch(ckpt)
     try:
+        cfg = checkpoint.read_config(path)  # the header only: sizes are checked before the weights are read
+        f = 2 ** (len(cfg.vae.ch_mult) - 1)
+        m = f * 2 ** (len(cfg.unet.channel_mult) - 1)
+        H = height or (128 if cfg.unet.model_channels < 320 else 1024)
+        W = width or H
+        if H % m or W % m:
+            raise UserError(f"config error: height and width must be multiples of {m} for this model, got {H}x{W}")
         sdxl = checkpoint.load_checkpoint(path, device=dev, dtype=torch.float32).eval()
-    except (checkpoint.CheckpointError, FileNotFoundError) as e:
-        sys.exit(f"cannot load {path}: {e}")
+    except checkpoint.CheckpointError as e:
+        raise UserError(f"cannot load {path}: {e}") from None
     tok_spec = tokenizer
     if not tok_spec:
         exported = os.path.join(os.path.dirname(os.path.abspath(path)), "diffusers")
         has = os.path.isfile(os.path.join(exported, "tokenizer", "vocab.json"))
         tok_spec = exported if has else "hf:stabilityai/stable-diffusion-xl-base-1.0"
     tok = clip_tokenizer.load_tokenizer(tok_spec)
-    tiny = sdxl.cfg.unet.model_channels < 320
-    H = height or (128 if tiny else 1024)
-    W = width or H
-    f = 2 ** (len(sdxl.cfg.vae.ch_mult) - 1)
-    m = f * 2 ** (len(sdxl.cfg.unet.channel_mult) - 1)
-    assert H % m == 0 and W % m == 0, f"height and width must be multiples of {m} for this model, got {H}x{W}"
     rows = [(p, s) for p in plist for s in seeds]
     print(f"{path}: v_pred marker {sdxl.v_pred}, ztsnr marker {sdxl.ztsnr}; {len(rows)} rows x {len(pds)} panels, "
           f"{H}x{W}, {steps} steps, guidance {guidance}, phi {phi}, on {dev}")

@@ -21,7 +21,7 @@ import regex
 import torch
 
 import files
-from configurator import UserError
+from configurator import UserError, UserFileNotFound
 
 CONTEXT_LENGTH = 77  # BOS + 75 tokens + EOS
 
@@ -227,15 +227,20 @@ def tokenizer_folder(spec):
     "hf:REPO" (downloads REPO's tokenizer/ folder with huggingface_hub)."""
     spec = str(spec)
     if spec.startswith("hf:"):
+        if spec[3:].count("/") != 1 or not all(spec[3:].split("/")):
+            raise UserError(f"tokenizer {spec!r}: a hub tokenizer is named hf:OWNER/NAME")
         from huggingface_hub import snapshot_download  # lazy: only this path needs the hub
-        # an SDXL-style repo keeps them in tokenizer/, a CLIP repo at its root
-        spec = snapshot_download(spec[3:], allow_patterns=["vocab.json", "merges.txt", "tokenizer/vocab.json",
-                                                           "tokenizer/merges.txt"])
+        try:  # an SDXL-style repo keeps them in tokenizer/, a CLIP repo at its root
+            spec = snapshot_download(spec[3:], allow_patterns=["vocab.json", "merges.txt", "tokenizer/vocab.json",
+                                                               "tokenizer/merges.txt"])
+        except Exception as e:  # offline, no such repo, no access
+            raise UserError(f"cannot fetch the tokenizer {spec} ({type(e).__name__}); check the name and the "
+                            "network, or pass a folder holding vocab.json and merges.txt") from None
     for folder in (spec, os.path.join(spec, "tokenizer")):
         if os.path.isfile(os.path.join(folder, "vocab.json")) and os.path.isfile(os.path.join(folder, "merges.txt")):
             return folder
-    raise FileNotFoundError(f"no vocab.json + merges.txt in {spec} (nor in {spec}/tokenizer); "
-                            f"use a folder, an open_clip .txt.gz, or hf:REPO")
+    raise UserFileNotFound(f"tokenizer: no vocab.json + merges.txt in {spec} (nor in {spec}/tokenizer); "
+                           f"use a folder, an open_clip .txt.gz, or hf:REPO")
 
 
 def load_tokenizer(spec):
@@ -244,7 +249,10 @@ def load_tokenizer(spec):
     if spec.endswith(".gz"):
         spec = vocab_from_openclip(spec, tempfile.mkdtemp(prefix="clip_vocab_"))
     folder = tokenizer_folder(spec)
-    return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"))
+    try:
+        return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"))
+    except (ValueError, KeyError, OSError) as e:  # bad JSON, no <|startoftext|>, unreadable
+        raise UserError(f"tokenizer {folder}: vocab.json / merges.txt are not a CLIP vocabulary ({e!r})") from None
 
 
 def tokenize(tok, captions, pad2=0):

@@ -18,6 +18,7 @@ import math
 import os
 import platform
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -34,6 +35,7 @@ import checkpoint
 import configurator
 import data
 import export
+import files
 import model
 import optim
 import perf
@@ -47,6 +49,7 @@ init_from = "hf:stabilityai/stable-diffusion-xl-base-1.0/sd_xl_base_1.0_0.9vae.s
 tokenizer = "hf:stabilityai/stable-diffusion-xl-base-1.0"  # folder with vocab.json + merges.txt, or hf:REPO
 tiny_size = False  # init_from missing -> make a tiny random SDXL-topology checkpoint there (offline demo)
 ckpt_interval = 250  # iterations between ckpt.pt writes (also written at the end and on SIGINT/SIGTERM)
+overwrite = False  # a fresh run may replace the ckpt.pt and model.safetensors in out_dir (otherwise it refuses)
 export_dtype = "fp16"  # dtype of the exported model.safetensors: fp16 | bf16 | fp32
 # data
 dataset_dir = ""  # images + same-stem .txt captions, or metadata.jsonl (file_name, text)
@@ -57,6 +60,7 @@ resolution = 1024  # bucket area = resolution^2
 bucket_step = 64  # bucket sides are multiples of this
 crop = "center"  # center | random (random is drawn once per image, so the cache stays valid)
 flip = False  # horizontal flip, drawn once per image
+min_pixels = 0  # images with fewer pixels are skipped; bigger ones smaller than their bucket are upscaled (as kohya does); 0 = a quarter of the smallest bucket
 caption_dropout = 0.1  # fraction of samples trained unconditionally (zeroed context and pooled)
 eval_items = 4  # images held out for the per-t-bin eval (taken from the dataset, never trained on)
 # the recipe
@@ -107,10 +111,46 @@ wandb_project = "sdxl-vpred"  # wandb project
 wandb_run_name = "vpred"  # wandb run name
 # debugging and tests, not training settings
 debug_compile_backend = "inductor"  # torch.compile backend; the tests use Dynamo's 'eager' (tracing, no codegen)
-debug_nan_at = -1  # make the loss NaN at this iteration, to exercise the skip path
+debug_nan_at = -1  # make the loss NaN from this iteration on, to exercise the skip path
 # -----------------------------------------------------------------------------
 config = configurator.configure(globals())
 # -----------------------------------------------------------------------------
+
+# every mistake the config alone can show, found before anything is loaded: one line, exit 2
+world = int(os.environ.get("WORLD_SIZE", 1))
+configurator.check(config, choices={
+    "prediction": ("v", "eps"), "weighting": schedule.WEIGHTINGS, "optimizer": optim.OPTIMIZERS, "precision": ("amp", "bf16"),
+    "dtype": ("float32", "bfloat16", "float16"), "crop": ("center", "random"), "export_dtype": ("fp16", "bf16", "fp32"),
+    "lr_schedule": ("constant", "cosine")}, at_least={
+    "batch_size": 1, "grad_accum": world, "max_iters": 1, "log_interval": 1, "ckpt_interval": 0, "eval_interval": 0,
+    "eval_items": 1 if eval_interval else 0, "sample_interval": 0, "warmup_iters": 0, "ramp_iters": 0, "max_skips": 1,
+    "make_synthetic": 0, "min_pixels": 0, "lr": 0, "min_lr": 0, "weight_decay": 0, "adam_eps": 0, "grad_clip": 0,
+    "gamma": 0, "peak_tflops": 0, "bucket_step": 8, "resolution": bucket_step}, within={
+    "caption_dropout": (0, 1), "beta1": (0, 1), "beta2": (0, 1), "beta1_final": (0, 1), "beta2_final": (0, 1),
+    "beta_start": (0, 1), "beta_end": (beta_start, 1), "k": (-math.inf, math.inf), "sample_steps": (1, 1000),
+    "guidance": (-math.inf, math.inf), "cfg_phi": (0, 1)})
+if grad_accum % world:
+    raise configurator.UserError(f"config error: --grad_accum={grad_accum} must divide by the {world} processes")
+if bucket_step % 8:
+    raise configurator.UserError(f"config error: --bucket_step={bucket_step} must divide by 8 (the VAE's downsampling)")
+if not re.fullmatch(r"cpu|cuda(:\d+)?", device) or (device != "cpu" and int(device[5:] or 0) >= torch.cuda.device_count()):
+    raise configurator.UserError(f"config error: --device={device!r}: this machine has "
+                                 f"{torch.cuda.device_count()} CUDA devices; use cpu, cuda or cuda:N")
+if not dataset_dir or not (os.path.isdir(dataset_dir) or make_synthetic):
+    raise configurator.UserFileNotFound(f"--dataset_dir={dataset_dir!r} is not a folder (a folder of images with .txt "
+                                        f"captions, or with a metadata.jsonl)")
+if sample_interval and not sample_prompts:
+    raise configurator.UserError("config error: sample_interval needs at least one of sample_prompts")
+resume = init_from == "resume"
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+if resume and not os.path.isfile(ckpt_path):
+    raise configurator.UserFileNotFound(f"--init_from=resume: there is no {ckpt_path} to resume from")
+if not resume and not overwrite and any(os.path.exists(os.path.join(out_dir, f)) for f in ("ckpt.pt", "model.safetensors")):
+    raise configurator.UserError(f"{out_dir} holds a run already: continue it with --init_from=resume, or pass "
+                                 f"--overwrite=True to replace it, or pick another --out_dir")
+if not (resume or init_from == "random" or init_from.startswith("hf:") or os.path.isfile(init_from) or tiny_size):
+    raise configurator.UserFileNotFound(f"--init_from={init_from!r}: no such file (a .safetensors path, hf:OWNER/NAME/FILE, "
+                                        f"'random' or 'resume')")
 
 # DDP, exactly as nanoGPT: torchrun sets RANK; each process owns one device and a share of each batch
 ddp = int(os.environ.get("RANK", -1)) != -1
@@ -121,7 +161,6 @@ if ddp:
         device = f"cuda:{ddp_local_rank}"
         torch.cuda.set_device(device)
     master_process = ddp_rank == 0
-    assert grad_accum % ddp_world_size == 0, f"grad_accum {grad_accum} must divide by world size {ddp_world_size}"
     grad_accum //= ddp_world_size
 else:
     ddp_rank, ddp_local_rank, ddp_world_size, master_process = 0, 0, 1, True
@@ -133,15 +172,41 @@ if device_type == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True  # few shapes (one per bucket): let cuDNN time its conv algorithms
-if master_process:
-    os.makedirs(out_dir, exist_ok=True)
-    print(f"global batch {imgs_per_iter} = {batch_size} micro x {grad_accum} accum x {ddp_world_size} procs")
+
+# SIGINT/SIGTERM: before the first step there is nothing to save, so stop now (mid-compile too); from the
+# first step on, finish the step, write ckpt.pt and exit. Either way the exit status is 128 + the signal.
+stop_signal, training = None, False
+
+
+def on_signal(signum, frame):
+    global stop_signal
+    stop_signal = signum
+    if not training:
+        print(f"got signal {signum} before the first step: nothing to save, stopping", flush=True)
+        raise SystemExit(128 + signum)
+    print(f"got signal {signum}: writing a checkpoint after this step", flush=True)
+
+
+signal.signal(signal.SIGINT, on_signal)
+signal.signal(signal.SIGTERM, on_signal)
 
 # -----------------------------------------------------------------------------
-# the start checkpoint: the frozen VAE and text encoders always come from it, the UNet too unless resuming
-resume = init_from == "resume"
-ckpt = torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=False) if resume else None
-base = ckpt["base"] if resume else init_from  # what the run started from, even when resuming
+# the resume state (read lazily: only what is used is paged in) and the start checkpoint: the frozen VAE and
+# text encoders always come from the start checkpoint, the UNet too unless resuming
+ckpt = None
+if resume:
+    try:  # weights_only: plain containers and tensors, never code (a planted pickle fails here)
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+        base, iter_num, skipped = ckpt["base"], ckpt["iter_num"], ckpt["skipped"]
+    except Exception as e:
+        raise configurator.UserError(f"cannot resume: {ckpt_path} is not a checkpoint this code wrote, or is damaged "
+                                     f"({type(e).__name__}); start a fresh run in another --out_dir") from None
+    if iter_num >= max_iters:
+        raise configurator.UserError(f"{ckpt_path} is at iter {iter_num} already: pass --max_iters above {iter_num} "
+                                     f"to train further")
+    data.check_order(ckpt["per_rank"][0]["loader"], seed, batch_size * world)  # before the cache is built
+else:
+    base, iter_num, skipped = init_from, 0, 0  # what the run started from, even when resuming
 
 
 def make_tiny_start(path):
@@ -152,21 +217,49 @@ def make_tiny_start(path):
     print(f"wrote a tiny random SDXL-topology start checkpoint to {path}")
 
 
+start_path = None if base == "random" else checkpoint.fetch(base)
+if tiny_size and start_path and not os.path.exists(start_path):
+    if master_process:
+        make_tiny_start(start_path)
+    if ddp:
+        torch.distributed.barrier()
+try:
+    model_cfg = model.SDXLConfig() if base == "random" else checkpoint.read_config(start_path)
+except checkpoint.CheckpointError as e:
+    raise configurator.UserError(f"cannot load {start_path}: {e}") from None
+# the latents are 1/f of the image and the UNet halves them (levels - 1) times: bucket sides must divide by both
+multiple = 2 ** (len(model_cfg.vae.ch_mult) - 1) * 2 ** (len(model_cfg.unet.channel_mult) - 1)
+if bucket_step % multiple:
+    raise configurator.UserError(f"config error: --bucket_step={bucket_step} must be a multiple of {multiple} for "
+                                 f"this model (VAE factor x UNet downsamplings)")
+run_lock = files.lock(out_dir) if master_process else None  # one run per out_dir, released when this process ends
+if master_process:
+    print(f"global batch {imgs_per_iter} = {batch_size} micro x {grad_accum} accum x {ddp_world_size} procs")
+
+# -----------------------------------------------------------------------------
+# data: scan, hold out the eval items, cache latents and text embeddings once, then a resumable loader
+if make_synthetic and master_process and not os.path.isdir(dataset_dir):
+    data.make_synthetic_dataset(dataset_dir, n=make_synthetic, seed=0, sizes=synthetic_sizes)
+if make_synthetic and master_process and not tokenizer.startswith("hf:") and not os.path.exists(os.path.join(tokenizer, "vocab.json")):
+    # the synthetic demo's vocabulary is learned from its own captions, so it works offline
+    clip_tokenizer.build_tiny_vocab(tokenizer, [it.caption for it in data.scan_dataset(dataset_dir, quiet=True)])
+if ddp:
+    torch.distributed.barrier()
+tok = clip_tokenizer.load_tokenizer(tokenizer)
+buckets = data.make_buckets(area=resolution * resolution, step=bucket_step)
+items = data.scan_dataset(dataset_dir, buckets=buckets, seed=seed, crop=crop, flip=flip,
+                          min_pixels=min_pixels or min(h * w for h, w in buckets) // 4)
+if len(items) <= eval_items:
+    raise configurator.UserError(f"{dataset_dir}: {len(items)} usable images, but {eval_items} are held out for the "
+                                 f"eval (eval_items): add images or lower --eval_items")
+eval_set, train_set = data.split_eval(items, eval_items, quiet=not master_process)
+
 if base == "random":  # SDXL-shaped random weights, for benchmarks: same weights in every process
     with torch.device(device):  # built and randomised in place: 3.5B parameters are slow to fill on a CPU
         sdxl = model.SDXL()
     model.init_random_(sdxl, seed=seed)
 else:
-    path = checkpoint.fetch(base)
-    if tiny_size and not os.path.exists(path):
-        if master_process:
-            make_tiny_start(path)
-        if ddp:
-            torch.distributed.barrier()
-    try:
-        sdxl = checkpoint.load_checkpoint(path, device=device, dtype=torch.float32)
-    except (checkpoint.CheckpointError, FileNotFoundError) as e:  # one line that names the bad keys, no traceback
-        sys.exit(f"cannot load {path}: {e}")
+    sdxl = checkpoint.load_checkpoint(start_path, device=device, dtype=torch.float32)
 if resume:
     sdxl.unet.load_state_dict(ckpt["unet"])
 sdxl.requires_grad_(False)
@@ -181,25 +274,7 @@ if precision == "bf16":  # halves weight and grad memory; AdamW8bit then writes 
         print(f"WARNING: pure bf16 weights with {optimizer} round each update to nearest: at lr < 1e-5 most "
               "updates are lost (docs/maths.md §7); adamw8bit keeps them with stochastic rounding")
     unet.to(torch.bfloat16)
-else:
-    assert precision == "amp", f"precision must be 'amp' or 'bf16', got {precision!r}"
 
-# -----------------------------------------------------------------------------
-# data: scan, hold out the eval items, cache latents and text embeddings once, then a resumable loader
-if not dataset_dir:
-    sys.exit("set --dataset_dir (a folder of images with .txt captions, or a metadata.jsonl)")
-if make_synthetic and master_process and not os.path.isdir(dataset_dir):
-    data.make_synthetic_dataset(dataset_dir, n=make_synthetic, seed=0, sizes=synthetic_sizes)
-if make_synthetic and master_process and not tokenizer.startswith("hf:") and not os.path.exists(os.path.join(tokenizer, "vocab.json")):
-    # the synthetic demo's vocabulary is learned from its own captions, so it works offline
-    clip_tokenizer.build_tiny_vocab(tokenizer, [it.caption for it in data.scan_dataset(dataset_dir, quiet=True)])
-if ddp:
-    torch.distributed.barrier()
-tok = clip_tokenizer.load_tokenizer(tokenizer)
-buckets = data.make_buckets(area=resolution * resolution, step=bucket_step)
-items = data.scan_dataset(dataset_dir, buckets=buckets, seed=seed, crop=crop, flip=flip)
-assert len(items) > eval_items, f"need more than eval_items={eval_items} usable images, found {len(items)}"
-eval_set, train_set = items[:eval_items], items[eval_items:]
 cache = encoder_cache.build_cache(items, sdxl, tok, cache_dir or os.path.join(out_dir, "cache"), device=device,
                                   rank=ddp_rank, world=ddp_world_size)
 loader = data.Loader(train_set, cache, batch_size=batch_size, rank=ddp_rank, world=ddp_world_size,
@@ -243,8 +318,8 @@ if resume:
     try:
         opt.load_state_dict(ckpt["optimizer"])
     except (ValueError, KeyError) as e:  # another optimizer, or another parameter set: one line, nothing written
-        sys.exit(f"cannot resume the {optimizer} optimizer from {out_dir}/ckpt.pt: its saved state is another "
-                 f"optimizer's or for other parameters ({e!r})")
+        raise configurator.UserError(f"cannot resume the {optimizer} optimizer from {ckpt_path}: its saved state is "
+                                     f"another optimizer's or for other parameters ({e!r})") from None
 
 train_unet = unet  # what the loop calls: compiled and/or DDP-wrapped; `unet` stays the raw module that is saved
 train_buckets = sorted({it.bucket for it in train_set})
@@ -327,25 +402,23 @@ def preview(it):
 # checkpoints: everything a bit-exact resume needs, per-rank RNG and loader state included
 
 
-def atomic_torch_save(obj, path):
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def rng_state():
-    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors and plain values, so that ckpt.pt loads with weights_only=True."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+             "torch": torch.get_rng_state()}
     if device_type == "cuda":
-        s["cuda"] = torch.cuda.get_rng_state(device)
-    return s
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
 
 
-def set_rng_state(s):
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
-    if device_type == "cuda" and "cuda" in s:
-        torch.cuda.set_rng_state(s["cuda"], device)
+def set_rng_state(state):
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if device_type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def gather(obj):
@@ -361,10 +434,12 @@ def save_ckpt(it, loader_state):
     """ckpt.pt after iteration `it`; loader_state: the loader's state after the last batch the loop consumed."""
     per_rank = gather({"rng": rng_state(), "loader": loader_state})
     if master_process:
-        atomic_torch_save({"unet": unet.state_dict(), "optimizer": opt.state_dict(), "iter_num": it,
-                           "base": base, "per_rank": per_rank, "skipped": skipped, "config": config,
-                           "tokenizer": tokenizer}, os.path.join(out_dir, "ckpt.pt"))
-        print(f"saved {out_dir}/ckpt.pt at iter {it}")
+        state = {"unet": unet.state_dict(), "optimizer": opt.state_dict(), "iter_num": it, "base": base,
+                 "per_rank": per_rank, "skipped": skipped, "config": config, "tokenizer": tokenizer}
+        size = sum(p.numel() * p.element_size() for p in unet.parameters()) * 2  # weights + state, roughly
+        with files.atomic_path(ckpt_path, size) as tmp, open(tmp, "wb") as f:
+            torch.save(state, f)  # through a Python file, so a full disk surfaces as the OSError it is
+        print(f"saved {ckpt_path} at iter {it}")
 
 
 def export_model():
@@ -383,7 +458,7 @@ def export_model():
     checkpoint.save_checkpoint(sdxl, path, v_pred=prediction == "v", ztsnr=zsnr, metadata=meta, dtype=out_dtype)
     tok_dir = clip_tokenizer.tokenizer_folder(tokenizer)
     export.write_diffusers_config(sdxl.cfg, os.path.join(out_dir, "diffusers"), beta_end=beta_end, zsnr=zsnr,
-                                  prediction=prediction, tokenizer_dirs=(tok_dir, tok_dir))
+                                  prediction=prediction, tokenizer_dirs=(tok_dir, tok_dir), beta_start=beta_start)
     print(f"exported {path} and {out_dir}/diffusers/")
 
 
@@ -392,29 +467,17 @@ def export_model():
 random.seed(seed)
 np.random.seed(seed)
 torch.manual_seed(seed)
-iter_num, skipped = 0, 0
 if resume:
-    iter_num, skipped = ckpt["iter_num"], ckpt["skipped"]
-    rank_state = ckpt["per_rank"][ddp_rank]
+    # the ranks' states are equal (one global draw, sliced), so another process count with the same global
+    # batch resumes exactly from rank 0's
+    per_rank = ckpt["per_rank"]
+    rank_state = per_rank[ddp_rank] if len(per_rank) == ddp_world_size else per_rank[0]
     loader.load_state_dict(rank_state["loader"])
     set_rng_state(rank_state["rng"])
-    print(f"resumed from {out_dir}/ckpt.pt at iter {iter_num}")
+    print(f"resumed from {ckpt_path} at iter {iter_num}")
     del ckpt
 loader_state = loader.state_dict()  # the loader's state after the last batch the loop consumed
 batches = data.prefetch(loader, pin_memory=device_type == "cuda")
-
-# SIGINT/SIGTERM: finish the current step, write ckpt.pt, exit
-stop_signal = None
-
-
-def on_signal(signum, frame):
-    global stop_signal
-    stop_signal = signum
-    print(f"got signal {signum}: writing a checkpoint after this step")
-
-
-signal.signal(signal.SIGINT, on_signal)
-signal.signal(signal.SIGTERM, on_signal)
 
 # -----------------------------------------------------------------------------
 # logging: run.json, FLOPs for MFU, the per-line stats
@@ -435,9 +498,7 @@ if master_process:
     run_info = {"git_sha": git_sha(), "argv": sys.argv, "python": platform.python_version(), "torch": torch.__version__,
                 "device": torch.cuda.get_device_name(device) if device_type == "cuda" else platform.processor() or "cpu",
                 "world_size": ddp_world_size, "config": config}
-    with open(os.path.join(out_dir, "run.json.tmp"), "w") as f:
-        json.dump(run_info, f, indent=1, default=str)
-    os.replace(os.path.join(out_dir, "run.json.tmp"), os.path.join(out_dir, "run.json"))
+    files.write_json(os.path.join(out_dir, "run.json"), run_info, indent=1, default=str)
     if wandb_log:
         import wandb
         wandb.init(project=wandb_project, name=wandb_run_name, config=config)
@@ -473,8 +534,9 @@ def new_log():  # per-interval sums, kept on the device: nothing in the step wai
 
 
 log = new_log()
-consecutive = 0
+consecutive, steps_ok = 0, 0  # non-finite steps in a row; optimizer steps this process made
 first_iter = iter_num
+training = True  # a signal from here on waits for the step to end and writes ckpt.pt
 t0 = time.time()
 while iter_num < max_iters:
     lr_now, betas_now = get_lr(iter_num), get_betas(iter_num)
@@ -496,7 +558,7 @@ while iter_num < max_iters:
         if ddp:  # only sync gradients on the last micro-step
             train_unet.require_backward_grad_sync = micro == grad_accum - 1
         loss, mse = forward_loss(batch, t, noise)
-        if iter_num == debug_nan_at:
+        if 0 <= debug_nan_at <= iter_num:
             loss = loss * float("nan")
         (loss / grad_accum).backward()
         loss_sum += loss.detach() / grad_accum
@@ -520,7 +582,7 @@ while iter_num < max_iters:
     # touch the optimizer state (its moments and step count)
     if bool(ok):
         opt.step()
-        consecutive = 0
+        consecutive, steps_ok = 0, steps_ok + 1
     else:
         skipped += 1
         consecutive += 1
@@ -546,8 +608,9 @@ while iter_num < max_iters:
         mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}GiB" if device_type == "cuda" else "-"
         eta = (max_iters - iter_num) * elapsed / log_interval
         bins, bin_n = (log["bins"] / log["bin_n"].clamp(min=1)).tolist(), log["bin_n"].tolist()
-        loss_avg = log["loss"].item() / max(1, log["n"])
-        print(f"iter {iter_num}: loss {loss_avg:.5f}, lr {lr_now:.3g}, betas ({betas_now[0]:.4f}, "
+        loss_avg = log["loss"].item() / log["n"] if log["n"] else float("nan")
+        shown = f"{loss_avg:.5f}" if log["n"] else "- (every step skipped)"
+        print(f"iter {iter_num}: loss {shown}, lr {lr_now:.3g}, betas ({betas_now[0]:.4f}, "
               f"{betas_now[1]:.4f}), gnorm {gnorm.item():.3g}, {ips:.2f} img/s, {1000 * elapsed / log_interval:.0f} ms/it, "
               f"mfu {mfu}, mem {mem}, skipped {skipped}, eta {eta / 60:.1f} min")
         print("  t-bin mse " + " ".join(f"{v:.4f}" if n else "-" for v, n in zip(bins, bin_n)))
@@ -571,7 +634,12 @@ while iter_num < max_iters:
     if stop_signal:
         break
 
-if master_process and not stop_signal:
+if stop_signal:
+    sys.exit(128 + stop_signal)  # stopped, not finished: ckpt.pt holds the run, nothing is exported
+if steps_ok == 0:  # every step was skipped: this run trained nothing, so it exports no v-pred model
+    sys.exit(f"no optimizer step succeeded ({skipped} skipped as non-finite): nothing exported; lower the lr or "
+             f"check the data")
+if master_process:
     export_model()
 if ddp:
     destroy_process_group()

@@ -13,6 +13,7 @@ from PIL import Image
 
 import data
 import tokenizer
+from configurator import UserError
 import model
 import sample_ablation as SA
 import schedule as S
@@ -55,7 +56,7 @@ def test_default_panels():
 def test_panel_specs_and_eps_zsnr_rejected():
     (p,) = SA.panel_list([(0.024, True, "v")])
     assert p["label"] == "0.024 + zsnr, as v"  # label optional
-    with pytest.raises(AssertionError, match="prediction"):
+    with pytest.raises(UserError, match="prediction"):  # a user's mistake: one line, no traceback
         SA.panel_list([(0.012, False, "x0")])
     with pytest.raises(ValueError, match="zero-terminal-SNR"):
         SA.check_sampling(SA.panel_list([(0.024, True, "eps", "bad")]))
