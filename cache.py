@@ -87,26 +87,31 @@ def weights_fingerprint(*modules, n_sample=8):
 # -----------------------------------------------------------------------------
 # the cache: one safetensors file per entry, content-addressed
 
-def _latent_key(item, vae_fp):
+_ST = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}  # safetensors' names of the dtypes
+
+
+def _latent_key(item, vae_fp, dtype=torch.float32):
     spec = f"latent v1|{item.file_hash}|{item.bucket}|{item.resized_hw}|{item.crop_tl}|{item.flip}|lanczos|{vae_fp}"
-    return data.hash_bytes(spec.encode())
+    return data.hash_bytes((spec + ("" if dtype == torch.float32 else f"|{dtype}")).encode())
 
 
-def _text_key(t1, t2, text_fp):
+def _text_key(t1, t2, text_fp, dtype=torch.float32):
     # keyed by the token ids rather than the caption: a tokenizer change invalidates, equal tokens share
-    return data.hash_bytes(b"text v1|" + t1.numpy().tobytes() + b"|" + t2.numpy().tobytes() + b"|" + text_fp.encode())
+    spec = b"text v1|" + t1.numpy().tobytes() + b"|" + t2.numpy().tobytes() + b"|" + text_fp.encode()
+    return data.hash_bytes(spec + (b"" if dtype == torch.float32 else f"|{dtype}".encode()))
 
 
 class Cache:
     """Cached VAE means (unscaled) and text embeddings of a list of items, kept in RAM up to ram_gb.
 
     Files: cache_dir/latents/ab/<key>.safetensors ("mean" [C, h, w]) and cache_dir/text/ab/<key>.safetensors
-    ("context" [77, D], "pooled" [P]), all fp32, keys from _latent_key / _text_key. A key that changes (new
-    image bytes, bucket, crop, flip, weights, tokens) names a new file, so stale entries are never read.
+    ("context" [77, D], "pooled" [P]), stored as `dtype` (fp32; bf16 or fp16 halve disk and RAM, load() casts
+    back to fp32), keys from _latent_key / _text_key. A key that changes (new image bytes, bucket, crop, flip,
+    weights, tokens, dtype) names a new file, so stale entries are never read.
     """
 
-    def __init__(self, cache_dir, lat_keys, txt_keys, ram_gb=8.0):
-        self.dir = cache_dir
+    def __init__(self, cache_dir, lat_keys, txt_keys, ram_gb=8.0, dtype=torch.float32):
+        self.dir, self.dtype = cache_dir, dtype
         self.lat_keys, self.txt_keys = lat_keys, txt_keys  # item.index -> key
         self.ram, self.ram_used, self.ram_bytes = {}, 0, int(ram_gb * 2 ** 30)
 
@@ -120,7 +125,7 @@ class Cache:
             self.ram_used += size
 
     def check(self, kind, key, shapes, full=True):
-        """None if the file exists and holds finite fp32 tensors of the expected shapes; else why not."""
+        """None if the file exists and holds finite tensors of the expected shapes and dtype; else why not."""
         path = self.path(kind, key)
         if not os.path.exists(path):
             return "missing"
@@ -130,7 +135,7 @@ class Cache:
                     if (f.metadata() or {}).get("key") != key:
                         return "wrong key"
                     got = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
-                want = {k: (tuple(s), "F32") for k, s in shapes.items()}
+                want = {k: (tuple(s), _ST[self.dtype]) for k, s in shapes.items()}
                 return None if got == want else f"expected {want}, found {got}"
             with safe_open(path, "pt") as f:
                 if (f.metadata() or {}).get("key") != key:
@@ -139,7 +144,7 @@ class Cache:
         except Exception as e:
             return f"unreadable ({type(e).__name__}: {e})"
         got = {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}
-        want = {k: (tuple(s), torch.float32) for k, s in shapes.items()}
+        want = {k: (tuple(s), self.dtype) for k, s in shapes.items()}
         if got != want:
             return f"expected {want}, found {got}"
         if not all(torch.isfinite(v).all() for v in tensors.values()):
@@ -148,6 +153,7 @@ class Cache:
         return None
 
     def write(self, kind, key, tensors):
+        tensors = {k: v.to(self.dtype) for k, v in tensors.items()}
         path = self.path(kind, key)
         with files.atomic_path(path) as tmp:
             save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"key": key})
@@ -161,10 +167,11 @@ class Cache:
         return got
 
     def load(self, items):
-        """-> (mean [B, C, h, w] unscaled, context [B, 77, D], pooled [B, P]), fp32."""
+        """-> (mean [B, C, h, w] unscaled, context [B, 77, D], pooled [B, P]), fp32, new tensors (not the cache's)."""
         lat = [self.read("latents", self.lat_keys[it.index])["mean"] for it in items]
         txt = [self.read("text", self.txt_keys[it.index]) for it in items]
-        return (torch.stack(lat), torch.stack([t["context"] for t in txt]), torch.stack([t["pooled"] for t in txt]))
+        return (torch.stack(lat).float(), torch.stack([t["context"] for t in txt]).float(),
+                torch.stack([t["pooled"] for t in txt]).float())
 
 
 class _Progress:
@@ -193,7 +200,7 @@ def _fingerprints(encoders, vae_fp, text_fp):
 
 
 def build_cache(items, encoders, tokenizer, cache_dir, device="cpu", batch_size=8, rank=0, world=1, vae_fp=None,
-                text_fp=None, verify=True, ram_gb=8.0, workers=8):
+                text_fp=None, verify=True, ram_gb=8.0, workers=8, group=None, dtype=torch.float32):
     """Make sure every item's VAE mean and text embedding is cached; return the Cache.
 
     encoders: the SDXL model (or a stand-in) with .vae.encode(img [B,3,H,W] in [-1,1]) -> (mean, logvar) and
@@ -202,6 +209,8 @@ def build_cache(items, encoders, tokenizer, cache_dir, device="cpu", batch_size=
     The steps: (1) the key of every entry; (2) which files are missing or corrupt (verify=True reads each file
     fully, False only its header); (3) those are encoded, latents in same-bucket batches of batch_size, captions
     in batches of 4x that, each rank its share; (4) under DDP, what another rank failed to write is encoded here.
+    group: the process group the ranks wait on each other in (one with a long timeout: a rank may encode for
+    hours while the others wait). dtype: what the entries are stored as (fp32; bf16 or fp16 halve the disk).
     """
     cache_dir = os.path.abspath(cache_dir)
     if cache_dir in {os.path.dirname(it.path) for it in items}:
@@ -214,8 +223,8 @@ def build_cache(items, encoders, tokenizer, cache_dir, device="cpu", batch_size=
 
     # 1. keys: one latent entry per (image, plan), one text entry per distinct token pair
     tokens1, tokens2 = tokenize(tokenizer, [it.caption for it in items])
-    cache = Cache(cache_dir, {it.index: _latent_key(it, vae_fp) for it in items},
-                  {it.index: _text_key(tokens1[i], tokens2[i], text_fp) for i, it in enumerate(items)}, ram_gb)
+    cache = Cache(cache_dir, {it.index: _latent_key(it, vae_fp, dtype) for it in items},
+                  {it.index: _text_key(tokens1[i], tokens2[i], text_fp, dtype) for i, it in enumerate(items)}, ram_gb, dtype)
     images, captions = {}, {}  # key -> what to encode
     for i, it in enumerate(items):
         images.setdefault(cache.lat_keys[it.index], it)
@@ -232,7 +241,7 @@ def build_cache(items, encoders, tokenizer, cache_dir, device="cpu", batch_size=
     lat_batches = _same_bucket_chunks(sorted(lat_todo, key=lambda k: (bucket(k), images[k].index)), bucket, batch_size)
     txt_batches = [txt_todo[i:i + 4 * batch_size] for i in range(0, len(txt_todo), 4 * batch_size)]
     if distributed:  # every rank must have listed its to-dos before anyone writes, or the shares differ
-        torch.distributed.barrier()
+        torch.distributed.barrier(group=group)
     with ThreadPoolExecutor(max(1, workers)) as pool:  # decodes a batch's images in parallel
         def encode_lat(keys):
             mean = encode_images(vae, [images[k] for k in keys], device, pool)
@@ -246,7 +255,7 @@ def build_cache(items, encoders, tokenizer, cache_dir, device="cpu", batch_size=
         _encode(cache, "latents", lat_batches[rank::world], encode_lat)
         _encode(cache, "text", txt_batches[rank::world], encode_txt)
         if distributed:  # 4. a rank that failed left holes: fill them here
-            torch.distributed.barrier()
+            torch.distributed.barrier(group=group)
             others = lambda batches: [k for i, b in enumerate(batches) if i % world != rank for k in b]
             redo = [k for k in others(lat_batches) if cache.check("latents", k, lat_shapes[k], full=verify)]
             _encode(cache, "latents", _same_bucket_chunks(redo, bucket, batch_size), encode_lat)

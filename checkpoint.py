@@ -14,6 +14,7 @@ import struct
 import time
 
 import torch
+from torch.distributed.tensor import DTensor
 
 import files
 from configurator import UserError
@@ -182,12 +183,13 @@ _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"
               torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
 
 
-def write_safetensors(tensors, path, metadata, dtype=None):
+def write_safetensors(tensors, path, metadata, dtype=None, write=True):
     """The safetensors format written by hand: 8-byte header length, JSON header, raw little-endian data.
     Keys and metadata in sorted order, so the same weights always give the same bytes (safetensors' own
     writer orders metadata by a randomly seeded hash map), and one tensor at a time is cast and copied,
     so SDXL is never held twice in RAM. Atomic (files.atomic_path).
-    dtype: cast floating-point tensors to it on the way out (None = keep)."""
+    dtype: cast floating-point tensors to it on the way out (None = keep). Sharded tensors (FSDP's DTensors) are
+    gathered one at a time, which every rank must join: the ranks that do not write pass write=False."""
     names = sorted(tensors)
     out_dtype = {k: dtype if dtype is not None and tensors[k].is_floating_point() else tensors[k].dtype for k in names}
     header, offset = {"__metadata__": dict(sorted(metadata.items()))}, 0
@@ -198,14 +200,19 @@ def write_safetensors(tensors, path, metadata, dtype=None):
         offset += n
     h = json.dumps(header, separators=(",", ":")).encode()
     h += b" " * (-len(h) % 8)  # the data starts 8-byte aligned
+    whole = lambda t: t.detach().full_tensor() if isinstance(t, DTensor) else t.detach()
+    if not write:
+        for k in names:
+            whole(tensors[k])
+        return
     with files.atomic_path(path, size=8 + len(h) + offset) as tmp, open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(h)) + h)
         for k in names:
-            t = tensors[k].detach().to(out_dtype[k]).contiguous().cpu()
+            t = whole(tensors[k]).to(out_dtype[k]).contiguous().cpu()
             f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
-def save_checkpoint(sdxl, path, v_pred=True, ztsnr=True, metadata=None, dtype=None):
+def save_checkpoint(sdxl, path, v_pred=True, ztsnr=True, metadata=None, dtype=None, write=True):
     """Write the sgm layout (the file's 2515 keys for SDXL base) + `v_pred` / `ztsnr` empty markers (ComfyUI,
     Forge, A1111 read them) + modelspec metadata, atomically (temp file in the same folder, then os.replace).
     dtype: export dtype for float tensors (torch.float16 / bfloat16 / float32), None = keep. metadata: extra
@@ -223,4 +230,4 @@ def save_checkpoint(sdxl, path, v_pred=True, ztsnr=True, metadata=None, dtype=No
             "modelspec.title": os.path.splitext(os.path.basename(path))[0],
             "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S")}
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
-    write_safetensors(tensors, path, meta, dtype)
+    write_safetensors(tensors, path, meta, dtype, write)

@@ -54,7 +54,8 @@ def check(cfg, choices=None, at_least=None, within=None):
 def _user_error_hook(kind, err, tb):
     if issubclass(kind, UserError):
         sys.stdout.flush()
-        print(err, file=sys.stderr, flush=True)
+        # the real stderr: torch.distributed wraps this hook and points sys.stderr at a buffer while it runs
+        print(err, file=sys.__stderr__, flush=True)
         os._exit(2)  # after a hook the interpreter would exit 1; the finally blocks on the way up have run
     sys.__excepthook__(kind, err, tb)
 

@@ -7,9 +7,11 @@ FlatAdamW8bit is bitsandbytes' 8-bit AdamW (Dettmers et al. 2022, arXiv 2110.028
 instead of once per tensor, bitwise equal to bnb.optim.AdamW8bit; docs/maths.md §8 explains the layout, §7 the
 stochastic rounding that keeps sub-ulp updates of pure-bf16 weights.
 """
+import contextlib
 import logging
 
 import torch
+from torch.distributed.tensor import DTensor
 
 
 def stochastic_round_bf16(x, generator=None):
@@ -38,6 +40,11 @@ class FlatAdamW8bit(torch.optim.Optimizer):
     update_step makes them contiguous, which breaks a UNet compiled for channels_last); (2) bf16 weights keep
     sub-ulp updates (docs/maths.md §7): the update runs in fp32 on a chunk copy and is written back with stochastic
     rounding, one chunk at a time instead of fp32 master weights.
+    Under FSDP (parameters are DTensors) each process runs the same kernels over the flat buffers of its own
+    shards. FSDP owns the shards' storage, so the parameter buffer is a copy, refreshed before and written back
+    after each step, and the grads are DTensors over views of the grad buffer that FSDP reduces into. A shard
+    starts on a block boundary of its buffer but not, in general, on one of its parameter, so its blocks (and
+    absmax values) differ from the one-process run: docs/scaling.md §3 says how much that changes.
     Contract: build it after the model's last .to(); parameters that get no gradient see a zero one (Adam's
     momentum still moves them; bnb would skip them); a grad replaced by assignment is copied into the buffer."""
 
@@ -57,19 +64,26 @@ class FlatAdamW8bit(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _flatten(self, gi, ps, eight):
-        dev, dt = ps[0].device, ps[0].dtype
+        sharded = isinstance(ps[0], DTensor)
+        shards = [p.to_local() if sharded else p for p in ps]  # what this process updates
+        dev, dt = shards[0].device, shards[0].dtype
         offsets, n = [], 0
-        for p in ps:
-            assert p.device == dev and p.dtype == dt, "one device and dtype per parameter group"
-            assert p.is_contiguous() or p.is_contiguous(memory_format=torch.channels_last), "dense parameters only"
+        for t in shards:
+            assert t.device == dev and t.dtype == dt, "one device and dtype per parameter group"
+            assert t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last), "dense parameters only"
             offsets.append(n)
-            n += -(-p.numel() // BNB_BLOCK) * BNB_BLOCK
+            n += -(-t.numel() // BNB_BLOCK) * BNB_BLOCK
         flat_p, flat_g = torch.zeros(n, dtype=dt, device=dev), torch.zeros(n, dtype=dt, device=dev)
-        for p, o in zip(ps, offsets):  # the old storage of each parameter is freed as it moves
-            p.data = flat_p.as_strided(p.shape, p.stride(), o).copy_(p.data)
-            p.grad = flat_g.as_strided(p.shape, p.stride(), o)
-        buf = {"group": gi, "p": flat_p, "g": flat_g, "params": ps, "grads": [p.grad for p in ps],
-               "ptrs": [p.data_ptr() for p in ps]}
+        views = [flat_p.as_strided(t.shape, t.stride(), o).copy_(t) for t, o in zip(shards, offsets)]
+        for p, t, o, view in zip(ps, shards, offsets, views):
+            g = flat_g.as_strided(t.shape, t.stride(), o)
+            if sharded:  # a DTensor over the view: FSDP's reduce-scatter adds into it
+                p.grad = DTensor.from_local(g, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                            stride=p.stride())
+            else:  # the parameter itself moves into the buffer (its old storage is freed)
+                p.data, p.grad = view, g
+        buf = {"group": gi, "p": flat_p, "g": flat_g, "params": ps, "grads": [p.grad for p in ps], "sharded": sharded,
+               "views": views, "ptrs": [p.data_ptr() for p in ps]}
         state = torch.uint8 if eight else torch.float32  # the 8-bit state carries one fp32 absmax per block
         buf.update(state1=torch.zeros(n, dtype=state, device=dev), state2=torch.zeros(n, dtype=state, device=dev))
         if eight:
@@ -78,11 +92,11 @@ class FlatAdamW8bit(torch.optim.Optimizer):
 
     def _check(self, buf):
         for p, g, ptr in zip(buf["params"], buf["grads"], buf["ptrs"]):
-            if p.data_ptr() != ptr:
+            if not buf["sharded"] and p.data_ptr() != ptr:
                 raise RuntimeError(f"parameter {tuple(p.shape)} no longer lives in the optimizer's flat buffer (was "
                                    "the model moved or cast after configure_optimizer?): build the optimizer last")
             if p.grad is not g:  # assigned, or recreated after someone set it to None: take its values
-                g.copy_(p.grad if p.grad is not None else torch.zeros_like(g))
+                _local(g).copy_(_local(p.grad) if p.grad is not None else 0)
                 p.grad = g
 
     def _update(self, buf, group, p, g, lo, hi):
@@ -108,6 +122,8 @@ class FlatAdamW8bit(torch.optim.Optimizer):
             if p.dtype == torch.bfloat16 and self.sr_gen is None:
                 self.sr_gen = torch.Generator(device=p.device).manual_seed(self.seed)
             chunk = self.chunk or (1 << 26 if p.is_cuda else 1 << 20)  # CPU: temporaries that stay in cache
+            if buf["sharded"]:  # the shards may have been written since (a load, an EMA swap): start from them
+                torch._foreach_copy_(buf["views"], [q.to_local() for q in buf["params"]])
             for lo in range(0, p.numel(), chunk):
                 hi = min(p.numel(), lo + chunk)
                 if p.dtype != torch.bfloat16:
@@ -116,6 +132,8 @@ class FlatAdamW8bit(torch.optim.Optimizer):
                 q = p[lo:hi].float()
                 self._update(buf, group, q, g[lo:hi].float(), lo, hi)
                 p[lo:hi] = stochastic_round_bf16(q, self.sr_gen)
+            if buf["sharded"]:
+                torch._foreach_copy_([q.to_local() for q in buf["params"]], buf["views"])
 
     @torch.no_grad()
     def zero_grad(self, set_to_none=True):
@@ -124,8 +142,8 @@ class FlatAdamW8bit(torch.optim.Optimizer):
             self._check(buf)
             buf["g"].zero_()
 
-    def _layout(self):
-        return [[buf["group"]] + [p.numel() for p in buf["params"]] for buf in self.buffers]
+    def _layout(self):  # under FSDP: this process's shard sizes, so another process count does not fit
+        return [[buf["group"]] + [_local(p).numel() for p in buf["params"]] for buf in self.buffers]
 
     def state_dict(self):
         keys = ("state1", "state2", "absmax1", "absmax2")
@@ -149,6 +167,10 @@ class FlatAdamW8bit(torch.optim.Optimizer):
             self.sr_gen.set_state(sd["sr_gen"])
 
 
+def _local(t):
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 OPTIMIZERS = ("adamw8bit", "adamw", "adafactor")
 
 
@@ -168,3 +190,36 @@ def configure_optimizer(params, name="adamw8bit", lr=1e-5, betas=(0.9, 0.95), ep
     if name == "adafactor":
         return torch.optim.Adafactor(groups, lr=lr)
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+
+
+class EMA:
+    """An exponential moving average of the weights (Polyak & Juditsky 1992), kept in fp32 on `device` (the
+    training device, or the CPU to spare its memory), sharded like the weights under FSDP (each process
+    averages its own shards). update() does ema = decay * ema + (1 - decay) * w; it starts from the weights it
+    is built with."""
+
+    def __init__(self, named_params, decay, device):
+        self.names, self.params = zip(*named_params)
+        self.decay = decay
+        self.shadow = [_local(p).detach().to(device=device, dtype=torch.float32, copy=True) for p in self.params]
+
+    @torch.no_grad()
+    def update(self):
+        w = [_local(p).detach().to(s.device, torch.float32) for p, s in zip(self.params, self.shadow)]
+        torch._foreach_mul_(self.shadow, self.decay)  # two products, then the sum: the formula's own roundings
+        torch._foreach_add_(self.shadow, torch._foreach_mul(w, 1 - self.decay))
+
+    @contextlib.contextmanager
+    def swapped(self):
+        """The averaged weights in place of the model's (for an eval, a preview or an export); the model's own
+        are put back bit for bit afterwards (their copy waits on the EMA's device)."""
+        with torch.no_grad():
+            saved = [_local(p).to(s.device, copy=True) for p, s in zip(self.params, self.shadow)]
+            for p, s in zip(self.params, self.shadow):
+                _local(p).copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, s in zip(self.params, saved):
+                    _local(p).copy_(s)

@@ -10,9 +10,11 @@ Launch:
     python train.py config/tiny.py                                   # offline CPU demo, tiny model
     python train.py config/vpred.py --k=5 --dataset_dir=/path/imgs   # 1 GPU, the real SDXL recipe
     torchrun --standalone --nproc_per_node=8 train.py config/vpred.py --dataset_dir=...   # DDP
+    torchrun --standalone --nproc_per_node=8 train.py config/vpred.py --parallel=fsdp ...  # sharded (sharding.py)
     python train.py config/tiny.py --init_from=resume                # continue out_dir's ckpt.pt exactly
     python train.py --help                                           # every key, default and meaning
 """
+import datetime
 import json
 import math
 import os
@@ -40,6 +42,7 @@ import model
 import optim
 import perf
 import schedule
+import sharding
 import tokenizer as clip_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -63,6 +66,7 @@ flip = False  # horizontal flip, drawn once per image
 min_pixels = 0  # images with fewer pixels are skipped; bigger ones smaller than their bucket are upscaled (as kohya does); 0 = a quarter of the smallest bucket
 caption_dropout = 0.1  # fraction of samples trained unconditionally (zeroed context and pooled)
 eval_items = 4  # images held out for the per-t-bin eval (taken from the dataset, never trained on)
+cache_dtype = "fp32"  # fp32 | bf16 | fp16: the cached latents and text embeddings (bf16/fp16 halve the disk)
 # the recipe
 batch_size = 4  # per-process micro-batch; global batch = batch_size * grad_accum * world_size
 grad_accum = 1  # micro-steps per optimizer step (total across processes, divided by world size)
@@ -89,7 +93,12 @@ weight_decay = 0.01  # decoupled, on >= 2-D weights only
 adam_eps = 1e-8  # Adam epsilon
 grad_clip = 1.0  # clip the global grad norm; 0 = off
 max_skips = 10  # this many non-finite steps in a row stop the run
+ema_decay = 0.0  # exponential moving average of the UNet weights, exported as model_ema.safetensors; 0 = off
+ema_interval = 1  # successful optimizer steps between EMA updates
+ema_device = "cpu"  # cpu | cuda (the training device): where the fp32 EMA lives
+ema_eval = False  # the held-out eval and the previews use the EMA weights
 # system
+parallel = "ddp"  # under torchrun: ddp = a whole UNet per process | fsdp = weights, grads, optimizer state sharded
 device = "cuda" if torch.cuda.is_available() else "cpu"  # cuda | cpu | cuda:N
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # compute dtype (autocast)
 precision = "amp"  # amp: fp32 master weights + autocast; bf16: pure bf16 weights, updates kept by stochastic rounding (adamw8bit)
@@ -121,14 +130,15 @@ world = int(os.environ.get("WORLD_SIZE", 1))
 configurator.check(config, choices={
     "prediction": ("v", "eps"), "weighting": schedule.WEIGHTINGS, "optimizer": optim.OPTIMIZERS, "precision": ("amp", "bf16"),
     "dtype": ("float32", "bfloat16", "float16"), "crop": ("center", "random"), "export_dtype": ("fp16", "bf16", "fp32"),
-    "lr_schedule": ("constant", "cosine")}, at_least={
+    "lr_schedule": ("constant", "cosine"), "parallel": ("ddp", "fsdp"), "cache_dtype": ("fp32", "bf16", "fp16"),
+    "ema_device": ("cpu", "cuda")}, at_least={
     "batch_size": 1, "grad_accum": world, "max_iters": 1, "log_interval": 1, "ckpt_interval": 0, "eval_interval": 0,
     "eval_items": 1 if eval_interval else 0, "sample_interval": 0, "warmup_iters": 0, "ramp_iters": 0, "max_skips": 1,
     "make_synthetic": 0, "min_pixels": 0, "lr": 0, "min_lr": 0, "weight_decay": 0, "adam_eps": 0, "grad_clip": 0,
     "gamma": 0, "peak_tflops": 0, "bucket_step": 8, "resolution": bucket_step}, within={
     "caption_dropout": (0, 1), "beta1": (0, 1), "beta2": (0, 1), "beta1_final": (0, 1), "beta2_final": (0, 1),
     "beta_start": (0, 1), "beta_end": (beta_start, 1), "k": (-math.inf, math.inf), "sample_steps": (1, 1000),
-    "guidance": (-math.inf, math.inf), "cfg_phi": (0, 1)})
+    "guidance": (-math.inf, math.inf), "cfg_phi": (0, 1), "ema_decay": (0, 1 - 1e-12), "ema_interval": (1, math.inf)})
 if grad_accum % world:
     raise configurator.UserError(f"config error: --grad_accum={grad_accum} must divide by the {world} processes")
 if bucket_step % 8:
@@ -141,11 +151,24 @@ if not dataset_dir or not (os.path.isdir(dataset_dir) or make_synthetic):
                                         f"captions, or with a metadata.jsonl)")
 if sample_interval and not sample_prompts:
     raise configurator.UserError("config error: sample_interval needs at least one of sample_prompts")
-resume = init_from == "resume"
-ckpt_path = os.path.join(out_dir, "ckpt.pt")
-if resume and not os.path.isfile(ckpt_path):
-    raise configurator.UserFileNotFound(f"--init_from=resume: there is no {ckpt_path} to resume from")
-if not resume and not overwrite and any(os.path.exists(os.path.join(out_dir, f)) for f in ("ckpt.pt", "model.safetensors")):
+if parallel == "fsdp" and optimizer == "adafactor":  # it squares a sharded (partial) norm in place
+    raise configurator.UserError("config error: torch.optim.Adafactor cannot step FSDP's sharded parameters "
+                                 "(torch 2.13); use --optimizer=adamw8bit or adamw with --parallel=fsdp")
+if parallel == "fsdp" and "RANK" not in os.environ:
+    raise configurator.UserError("config error: --parallel=fsdp shards across processes: launch with torchrun "
+                                 "(--nproc_per_node=1 works too)")
+if ema_decay and ema_device == "cuda" and not device.startswith("cuda"):
+    raise configurator.UserError(f"config error: --ema_device=cuda, but the training device is {device}")
+resume, sharded = init_from == "resume", parallel == "fsdp"
+# the resume state: ckpt.pt under ddp (one file), the folder ckpt/ under fsdp (each rank's shards)
+ckpt_path = os.path.join(out_dir, "ckpt" if sharded else "ckpt.pt")
+if resume and sharded:
+    sharding.recover(ckpt_path)
+if resume and not os.path.exists(ckpt_path):
+    other = os.path.join(out_dir, "ckpt.pt" if sharded else "ckpt")
+    hint = f" ({other} is there: resume with --parallel={'ddp' if sharded else 'fsdp'})" if os.path.exists(other) else ""
+    raise configurator.UserFileNotFound(f"--init_from=resume: there is no {ckpt_path} to resume from{hint}")
+if not resume and not overwrite and any(os.path.exists(os.path.join(out_dir, f)) for f in ("ckpt.pt", "ckpt", "model.safetensors")):
     raise configurator.UserError(f"{out_dir} holds a run already: continue it with --init_from=resume, or pass "
                                  f"--overwrite=True to replace it, or pick another --out_dir")
 if not (resume or init_from == "random" or init_from.startswith("hf:") or os.path.isfile(init_from) or tiny_size):
@@ -153,18 +176,22 @@ if not (resume or init_from == "random" or init_from.startswith("hf:") or os.pat
                                         f"'random' or 'resume')")
 
 # DDP, exactly as nanoGPT: torchrun sets RANK; each process owns one device and a share of each batch
-ddp = int(os.environ.get("RANK", -1)) != -1
-if ddp:
+distributed = int(os.environ.get("RANK", -1)) != -1
+if distributed:
     init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    ddp_rank, ddp_local_rank, ddp_world_size = (int(os.environ[v]) for v in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    rank, local_rank, world = (int(os.environ[v]) for v in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     if device.startswith("cuda"):
-        device = f"cuda:{ddp_local_rank}"
+        device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
-    master_process = ddp_rank == 0
-    grad_accum //= ddp_world_size
+    master_process = rank == 0
+    grad_accum //= world
+    # ranks also wait for each other while one makes the demo's data or encodes its share of the cache, which
+    # can take hours: those waits use a CPU group of their own with a long timeout, not the training group's
+    # minutes (the hang-up of diffusers issue #7960)
+    slow_group = torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
 else:
-    ddp_rank, ddp_local_rank, ddp_world_size, master_process = 0, 0, 1, True
-imgs_per_iter = batch_size * grad_accum * ddp_world_size
+    rank, local_rank, world, master_process, slow_group = 0, 0, 1, True, None
+imgs_per_iter = batch_size * grad_accum * world
 device_type = "cuda" if device.startswith("cuda") else "cpu"
 ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 amp = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
@@ -196,11 +223,20 @@ signal.signal(signal.SIGTERM, on_signal)
 ckpt = None
 if resume:
     try:  # weights_only: plain containers and tensors, never code (a planted pickle fails here)
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+        if sharded:  # the plain values; the shards are read once the UNet is sharded
+            ckpt = torch.load(os.path.join(ckpt_path, "run.pt"), map_location="cpu", weights_only=True)
+        else:
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
         base, iter_num, skipped = ckpt["base"], ckpt["iter_num"], ckpt["skipped"]
     except Exception as e:
         raise configurator.UserError(f"cannot resume: {ckpt_path} is not a checkpoint this code wrote, or is damaged "
                                      f"({type(e).__name__}); start a fresh run in another --out_dir") from None
+    if ckpt["config"]["optimizer"] != optimizer:
+        raise configurator.UserError(f"cannot resume the {optimizer} optimizer from {ckpt_path}: it holds "
+                                     f"{ckpt['config']['optimizer']} state; resume with --optimizer={ckpt['config']['optimizer']}")
+    if sharded and optimizer == "adamw8bit" and ckpt["world"] != world:
+        raise configurator.UserError(f"{ckpt_path} holds adamw8bit state for {ckpt['world']} processes, one buffer "
+                                     f"each: resume with {ckpt['world']} (adamw and adafactor reshard to any count)")
     if iter_num >= max_iters:
         raise configurator.UserError(f"{ckpt_path} is at iter {iter_num} already: pass --max_iters above {iter_num} "
                                      f"to train further")
@@ -221,8 +257,8 @@ start_path = None if base == "random" else checkpoint.fetch(base)
 if tiny_size and start_path and not os.path.exists(start_path):
     if master_process:
         make_tiny_start(start_path)
-    if ddp:
-        torch.distributed.barrier()
+    if distributed:
+        torch.distributed.barrier(group=slow_group)
 try:
     model_cfg = model.SDXLConfig() if base == "random" else checkpoint.read_config(start_path)
 except checkpoint.CheckpointError as e:
@@ -234,7 +270,7 @@ if bucket_step % multiple:
                                  f"this model (VAE factor x UNet downsamplings)")
 run_lock = files.lock(out_dir) if master_process else None  # one run per out_dir, released when this process ends
 if master_process:
-    print(f"global batch {imgs_per_iter} = {batch_size} micro x {grad_accum} accum x {ddp_world_size} procs")
+    print(f"global batch {imgs_per_iter} = {batch_size} micro x {grad_accum} accum x {world} procs")
 
 # -----------------------------------------------------------------------------
 # data: scan, hold out the eval items, cache latents and text embeddings once, then a resumable loader
@@ -243,8 +279,8 @@ if make_synthetic and master_process and not os.path.isdir(dataset_dir):
 if make_synthetic and master_process and not tokenizer.startswith("hf:") and not os.path.exists(os.path.join(tokenizer, "vocab.json")):
     # the synthetic demo's vocabulary is learned from its own captions, so it works offline
     clip_tokenizer.build_tiny_vocab(tokenizer, [it.caption for it in data.scan_dataset(dataset_dir, quiet=True)])
-if ddp:
-    torch.distributed.barrier()
+if distributed:
+    torch.distributed.barrier(group=slow_group)
 tok = clip_tokenizer.load_tokenizer(tokenizer)
 buckets = data.make_buckets(area=resolution * resolution, step=bucket_step)
 items = data.scan_dataset(dataset_dir, buckets=buckets, seed=seed, crop=crop, flip=flip,
@@ -260,14 +296,14 @@ if base == "random":  # SDXL-shaped random weights, for benchmarks: same weights
     model.init_random_(sdxl, seed=seed)
 else:
     sdxl = checkpoint.load_checkpoint(start_path, device=device, dtype=torch.float32)
-if resume:
+if resume and not sharded:
     sdxl.unet.load_state_dict(ckpt["unet"])
 sdxl.requires_grad_(False)
 unet = sdxl.unet
 unet.requires_grad_(True)
 unet.train()
 unet.grad_ckpt = grad_ckpt
-if device_type == "cuda":
+if device_type == "cuda" and not sharded:  # (FSDP shards contiguous weights only; activations stay NHWC)
     unet.to(memory_format=torch.channels_last)  # cuDNN's fast convolutions are NHWC
 if precision == "bf16":  # halves weight and grad memory; AdamW8bit then writes back with stochastic rounding
     if optimizer != "adamw8bit":
@@ -276,14 +312,15 @@ if precision == "bf16":  # halves weight and grad memory; AdamW8bit then writes 
     unet.to(torch.bfloat16)
 
 cache = encoder_cache.build_cache(items, sdxl, tok, cache_dir or os.path.join(out_dir, "cache"), device=device,
-                                  rank=ddp_rank, world=ddp_world_size)
-loader = data.Loader(train_set, cache, batch_size=batch_size, rank=ddp_rank, world=ddp_world_size,
+                                  rank=rank, world=world, group=slow_group, dtype=getattr(torch, {
+                                      "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[cache_dtype]))
+loader = data.Loader(train_set, cache, batch_size=batch_size, rank=rank, world=world,
                      seed=seed, caption_dropout=caption_dropout)  # rank 0 prints the bucket histogram
 
 # after caching, the text encoders are needed only for the preview prompts: encode those, then move the
 # encoders off the GPU (the VAE stays, to decode previews)
 preview_text = None
-if sample_interval and master_process:
+if sample_interval and (master_process or sharded):
     import sample_ablation
     preview_text = sample_ablation.encode_prompts(sdxl, tok, list(sample_prompts), device)
 sdxl.te1.to("cpu")
@@ -312,26 +349,82 @@ def get_betas(it):
     return (beta1 + r * (beta1_final - beta1), beta2 + r * (beta2_final - beta2))
 
 
+train_buckets = sorted({it.bucket for it in train_set})
+if compile:
+    # Inductor specialises the latent size (mark_dynamic on h, w fails with a ConstraintViolationError), so each
+    # bucket is its own static graph. Dynamo allows 8 per function by default and, under fullgraph=True, the
+    # 9th bucket would stop the run with FailOnRecompileLimitHit hours in: make room for every bucket (under
+    # FSDP every block instance compiles its own graphs on Block.forward: room for all of them).
+    torch._dynamo.config.automatic_dynamic_shapes = False
+    graphs = (len(train_buckets) + 2) * (len(sharding.blocks(unet)) if sharded else 1)
+    torch._dynamo.config.recompile_limit = max(8, graphs)
+    torch._dynamo.config.accumulated_recompile_limit = max(256, 2 * graphs)
+compile_kwargs = dict(fullgraph=True, backend=debug_compile_backend) if compile else None
+if sharded:  # blocks gathered in the compute dtype under amp (halves the all-gathers), grads reduced in fp32
+    sharding.shard(unet, ptdtype if precision == "amp" and ptdtype != torch.float32 else None, compile_kwargs)
 opt = optim.configure_optimizer(unet.parameters(), optimizer, lr, get_betas(0), adam_eps, weight_decay,
                                 fused=device_type == "cuda", seed=seed)
-if resume:
+ema = optim.EMA(unet.named_parameters(), ema_decay, device if ema_device == "cuda" else "cpu") if ema_decay else None
+
+
+def resume_tensors():
+    """The tensors of the FSDP resume state, each rank's shards (DCP writes and reads them in parallel): the
+    UNet's, the optimizer's (adamw8bit's flat buffers under this rank's own key) and the EMA's."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    out = {"unet": unet.state_dict()}
+    if optimizer == "adamw8bit":
+        sd = opt.state_dict()
+        mine = {f"{i}.{key}": t for i, buf in enumerate(sd["buffers"]) for key, t in buf.items()}
+        if sd["sr_gen"] is not None:
+            mine["sr_gen"] = sd["sr_gen"]
+        out["optimizer"] = {f"rank{rank}": mine}
+    else:
+        out["optimizer"] = get_optimizer_state_dict(unet, opt)["state"]
+    if ema:
+        out["ema"] = {name: sharding.like(p, s) for name, p, s in zip(ema.names, ema.params, ema.shadow)}
+    return out
+
+
+if resume and sharded:  # every tensor read in place; another process count is resharded by DCP
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    tensors = resume_tensors()
+    if ema and not ckpt["ema"]:  # an EMA switched on at resume starts from the resumed weights
+        tensors.pop("ema")
+    if optimizer != "adamw8bit":
+        osd = get_optimizer_state_dict(unet, opt)
+        tensors["optimizer"] = osd["state"]
+    elif ckpt["per_rank"][rank]["optimizer"]["sr"]:  # the stochastic-rounding generator's state, to be filled
+        tensors["optimizer"][f"rank{rank}"]["sr_gen"] = torch.Generator(device=device).get_state()
+    try:
+        sharding.load_sharded(ckpt_path, tensors)
+    except (Exception, sharding.dcp.api.CheckpointException) as e:  # another model than the one saved
+        raise configurator.UserError(f"cannot resume from {ckpt_path}: its shards are damaged or are not this "
+                                     f"model's ({type(e).__name__})") from None
+    unet.load_state_dict(tensors["unet"])
+    if optimizer == "adamw8bit":
+        mine, plain = tensors["optimizer"][f"rank{rank}"], ckpt["per_rank"][rank]["optimizer"]
+        opt.load_state_dict({**plain, "sr_gen": mine.get("sr_gen"), "buffers": [
+            {key.split(".", 1)[1]: t for key, t in mine.items() if key.startswith(f"{i}.")} for i in range(len(opt.buffers))]})
+    else:
+        set_optimizer_state_dict(unet, opt, osd)
+    if ema and ckpt["ema"]:
+        for s, t in zip(ema.shadow, tensors["ema"].values()):
+            s.copy_(sharding.local(t))
+elif resume:
     try:
         opt.load_state_dict(ckpt["optimizer"])
     except (ValueError, KeyError) as e:  # another optimizer, or another parameter set: one line, nothing written
         raise configurator.UserError(f"cannot resume the {optimizer} optimizer from {ckpt_path}: its saved state is "
                                      f"another optimizer's or for other parameters ({e!r})") from None
+    if ema and "ema" in ckpt:
+        for s, name in zip(ema.shadow, ema.names):
+            s.copy_(ckpt["ema"][name])
 
 train_unet = unet  # what the loop calls: compiled and/or DDP-wrapped; `unet` stays the raw module that is saved
-train_buckets = sorted({it.bucket for it in train_set})
-if compile:
-    # Inductor specialises the latent size (mark_dynamic on h, w fails with a ConstraintViolationError), so each
-    # bucket is its own static graph. Dynamo allows 8 per function by default and, under fullgraph=True, the
-    # 9th bucket would stop the run with FailOnRecompileLimitHit hours in: make room for every bucket.
-    torch._dynamo.config.automatic_dynamic_shapes = False
-    torch._dynamo.config.recompile_limit = max(8, len(train_buckets) + 2)
-    train_unet = torch.compile(unet, fullgraph=True, backend=debug_compile_backend)
-if ddp:
-    train_unet = DDP(train_unet, device_ids=[ddp_local_rank] if device_type == "cuda" else None)
+if compile and not sharded:  # (under FSDP each block is compiled in place: sharding.shard)
+    train_unet = torch.compile(unet, **compile_kwargs)
+if distributed and not sharded:
+    train_unet = DDP(train_unet, device_ids=[local_rank] if device_type == "cuda" else None)
 
 # -----------------------------------------------------------------------------
 # one loss evaluation: the whole recipe is these lines
@@ -394,8 +487,8 @@ def preview(it):
     imgs = sample_ablation.generate(sdxl, context, pooled, noise, abar, sample_steps, prediction, guidance,
                                     cfg_phi, h, w)
     unet.train()
-    os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
-    sample_ablation.save_grid(imgs, 1, n, os.path.join(out_dir, "samples", f"iter_{it:06d}.png"))
+    if master_process:
+        sample_ablation.save_grid(imgs, 1, n, os.path.join(out_dir, "samples", f"iter_{it:06d}.png"))
 
 
 # -----------------------------------------------------------------------------
@@ -423,19 +516,31 @@ def set_rng_state(state):
 
 def gather(obj):
     """Every rank's object on every rank (a list by rank); no-op list outside DDP."""
-    if not ddp:
+    if not distributed:
         return [obj]
-    out = [None] * ddp_world_size
+    out = [None] * world
     torch.distributed.all_gather_object(out, obj)
     return out
 
 
 def save_ckpt(it, loader_state):
-    """ckpt.pt after iteration `it`; loader_state: the loader's state after the last batch the loop consumed."""
-    per_rank = gather({"rng": rng_state(), "loader": loader_state})
-    if master_process:
-        state = {"unet": unet.state_dict(), "optimizer": opt.state_dict(), "iter_num": it, "base": base,
-                 "per_rank": per_rank, "skipped": skipped, "config": config, "tokenizer": tokenizer}
+    """The resume state after iteration `it` (ckpt.pt, or ckpt/ under fsdp); loader_state: the loader's state
+    after the last batch the loop consumed."""
+    mine = {"rng": rng_state(), "loader": loader_state}
+    if sharded and optimizer == "adamw8bit":  # this rank's buffers go to DCP, their plain companions here
+        sd = opt.state_dict()
+        mine["optimizer"] = {"n_steps": sd["n_steps"], "layout": sd["layout"], "param_groups": sd["param_groups"],
+                             "sr": sd["sr_gen"] is not None}
+    plain = {"iter_num": it, "base": base, "per_rank": gather(mine), "skipped": skipped, "config": config,
+             "tokenizer": tokenizer, "world": world, "ema": ema is not None}
+    if sharded:
+        sharding.save_sharded(ckpt_path, resume_tensors(), plain, master_process)
+        if master_process:
+            print(f"saved {ckpt_path}/ at iter {it}")
+    elif master_process:
+        state = {"unet": unet.state_dict(), "optimizer": opt.state_dict(), **plain}
+        if ema:
+            state["ema"] = dict(zip(ema.names, ema.shadow))
         size = sum(p.numel() * p.element_size() for p in unet.parameters()) * 2  # weights + state, roughly
         with files.atomic_path(ckpt_path, size) as tmp, open(tmp, "wb") as f:
             torch.save(state, f)  # through a Python file, so a full disk surfaces as the OSError it is
@@ -443,7 +548,9 @@ def save_ckpt(it, loader_state):
 
 
 def export_model():
-    """out_dir/model.safetensors (sgm layout, markers, metadata) and out_dir/diffusers/ (configs for from_single_file)."""
+    """out_dir/model.safetensors (sgm layout, markers, metadata), model_ema.safetensors with the EMA weights, and
+    out_dir/diffusers/ (configs for from_single_file). Under fsdp every rank takes part (one tensor is gathered
+    at a time) and rank 0 writes."""
     recipe = {key: config[key] for key in ("prediction", "beta_start", "beta_end", "zsnr", "weighting", "k",
                                            "optimizer", "lr", "beta1", "beta2", "beta1_final", "beta2_final",
                                            "max_iters", "batch_size")}
@@ -453,13 +560,17 @@ def export_model():
                                           "scaled_linear", "zsnr": zsnr, "timestep_spacing": "trailing",
                                           "num_train_timesteps": T}),
             "training_config": json.dumps(recipe)}
-    path = os.path.join(out_dir, "model.safetensors")
     out_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[export_dtype]
-    checkpoint.save_checkpoint(sdxl, path, v_pred=prediction == "v", ztsnr=zsnr, metadata=meta, dtype=out_dtype)
-    tok_dir = clip_tokenizer.tokenizer_folder(tokenizer)
-    export.write_diffusers_config(sdxl.cfg, os.path.join(out_dir, "diffusers"), beta_end=beta_end, zsnr=zsnr,
-                                  prediction=prediction, tokenizer_dirs=(tok_dir, tok_dir), beta_start=beta_start)
-    print(f"exported {path} and {out_dir}/diffusers/")
+    for name, weights in (("model", nullcontext()), ("model_ema", ema and ema.swapped())):
+        if weights is not None:
+            with weights:
+                checkpoint.save_checkpoint(sdxl, os.path.join(out_dir, f"{name}.safetensors"), v_pred=prediction == "v",
+                                           ztsnr=zsnr, metadata=meta, dtype=out_dtype, write=master_process)
+    if master_process:
+        tok_dir = clip_tokenizer.tokenizer_folder(tokenizer)
+        export.write_diffusers_config(sdxl.cfg, os.path.join(out_dir, "diffusers"), beta_end=beta_end, zsnr=zsnr,
+                                      prediction=prediction, tokenizer_dirs=(tok_dir, tok_dir), beta_start=beta_start)
+        print(f"exported {out_dir}/model{'' if ema is None else ' and model_ema'}.safetensors and {out_dir}/diffusers/")
 
 
 # seed here, after every setup step (making a start checkpoint draws from the RNG, loading one does not);
@@ -471,7 +582,7 @@ if resume:
     # the ranks' states are equal (one global draw, sliced), so another process count with the same global
     # batch resumes exactly from rank 0's
     per_rank = ckpt["per_rank"]
-    rank_state = per_rank[ddp_rank] if len(per_rank) == ddp_world_size else per_rank[0]
+    rank_state = per_rank[rank] if len(per_rank) == world else per_rank[0]
     loader.load_state_dict(rank_state["loader"])
     set_rng_state(rank_state["rng"])
     print(f"resumed from {ckpt_path} at iter {iter_num}")
@@ -497,7 +608,7 @@ def git_sha():
 if master_process:
     run_info = {"git_sha": git_sha(), "argv": sys.argv, "python": platform.python_version(), "torch": torch.__version__,
                 "device": torch.cuda.get_device_name(device) if device_type == "cuda" else platform.processor() or "cpu",
-                "world_size": ddp_world_size, "config": config}
+                "world_size": world, "config": config}
     files.write_json(os.path.join(out_dir, "run.json"), run_info, indent=1, default=str)
     if wandb_log:
         import wandb
@@ -508,7 +619,7 @@ if compile and compile_warm:
     # forward+backward per bucket at t = 0 with zero noise (no random numbers drawn, so resume stays exact);
     # the grads are zeroed, the optimizer never sees them
     warm_start = time.time()
-    if ddp:  # no gradient all-reduce for these
+    if distributed and not sharded:  # no gradient all-reduce for these (FSDP would keep unsynced grads for later)
         train_unet.require_backward_grad_sync = False
     for bucket in train_buckets:
         bucket_start = time.time()
@@ -552,10 +663,12 @@ while iter_num < max_iters:
         b = batch["latents"].shape[0]
         # t and noise are drawn for the whole global batch from an RNG seeded alike on every process, and each
         # process takes its slice: N processes then compute exactly the single-process update
-        my_slice = slice(ddp_rank * b, (ddp_rank + 1) * b)
-        t = torch.randint(0, T, (b * ddp_world_size,))[my_slice].to(device)
-        noise = torch.randn(b * ddp_world_size, *batch["latents"].shape[1:])[my_slice].to(device)
-        if ddp:  # only sync gradients on the last micro-step
+        my_slice = slice(rank * b, (rank + 1) * b)
+        t = torch.randint(0, T, (b * world,))[my_slice].to(device)
+        noise = torch.randn(b * world, *batch["latents"].shape[1:])[my_slice].to(device)
+        if sharded:  # only reduce gradients on the last micro-step
+            unet.set_requires_gradient_sync(micro == grad_accum - 1)
+        elif distributed:
             train_unet.require_backward_grad_sync = micro == grad_accum - 1
         loss, mse = forward_loss(batch, t, noise)
         if 0 <= debug_nan_at <= iter_num:
@@ -565,16 +678,16 @@ while iter_num < max_iters:
         t_bin = (t // (T // 10)).clamp(max=9)
         log["bins"].index_add_(0, t_bin, mse.detach().float())
         log["bin_n"].index_add_(0, t_bin, torch.ones(b, device=device))
-        log["imgs"] += b * ddp_world_size
+        log["imgs"] += b * world
         hw = tuple(batch["latents"].shape[-2:])
         if hw not in flops_per_image:
             flops_per_image[hw] = perf.unet_flops(sdxl.cfg.unet, *hw)
-        log["flops"] += b * ddp_world_size * flops_per_image[hw]
+        log["flops"] += b * world * flops_per_image[hw]
 
     # a non-finite loss or gradient skips the step: weights and optimizer state untouched
-    gnorm = torch.nn.utils.clip_grad_norm_(unet.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    gnorm = sharding.full(torch.nn.utils.clip_grad_norm_(unet.parameters(), grad_clip if grad_clip > 0 else math.inf))
     ok = torch.isfinite(gnorm) & torch.isfinite(loss_sum)
-    if ddp:  # every process takes the same decision
+    if distributed:  # every process takes the same decision
         ok = ok.float()
         torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
         ok = ok.bool()
@@ -583,6 +696,8 @@ while iter_num < max_iters:
     if bool(ok):
         opt.step()
         consecutive, steps_ok = 0, steps_ok + 1
+        if ema and (iter_num + 1 - skipped) % ema_interval == 0:  # every ema_interval successful steps
+            ema.update()
     else:
         skipped += 1
         consecutive += 1
@@ -620,14 +735,18 @@ while iter_num < max_iters:
         log = new_log()
         t0 = time.time()
 
-    if eval_interval and (iter_num % eval_interval == 0 or iter_num == max_iters) and master_process:
-        bins = evaluate()
-        print(f"eval iter {iter_num}: held-out {prediction}-mse per t-bin " + " ".join(f"{v:.4f}" for v in bins))
-        with open(os.path.join(out_dir, "eval.jsonl"), "a") as f:
-            f.write(json.dumps({"iter": iter_num, "target": prediction, "mse_bins": bins}) + "\n")
+    # eval and previews: rank 0's, but under fsdp every rank must join the forward (its shards are needed)
+    if eval_interval and (iter_num % eval_interval == 0 or iter_num == max_iters) and (master_process or sharded):
+        with ema.swapped() if ema and ema_eval else nullcontext():
+            bins = evaluate()
+        if master_process:
+            print(f"eval iter {iter_num}: held-out {prediction}-mse per t-bin " + " ".join(f"{v:.4f}" for v in bins))
+            with open(os.path.join(out_dir, "eval.jsonl"), "a") as f:
+                f.write(json.dumps({"iter": iter_num, "target": prediction, "mse_bins": bins}) + "\n")
         t0 = time.time()
-    if sample_interval and iter_num % sample_interval == 0 and master_process:
-        preview(iter_num)
+    if sample_interval and iter_num % sample_interval == 0 and (master_process or sharded):
+        with ema.swapped() if ema and ema_eval else nullcontext():
+            preview(iter_num)
         t0 = time.time()
     if (ckpt_interval and iter_num % ckpt_interval == 0) or iter_num == max_iters or stop_signal:
         save_ckpt(iter_num, loader_state)
@@ -639,7 +758,7 @@ if stop_signal:
 if steps_ok == 0:  # every step was skipped: this run trained nothing, so it exports no v-pred model
     sys.exit(f"no optimizer step succeeded ({skipped} skipped as non-finite): nothing exported; lower the lr or "
              f"check the data")
-if master_process:
+if master_process or sharded:
     export_model()
-if ddp:
+if distributed:
     destroy_process_group()

@@ -1,0 +1,140 @@
+"""
+Sharding the UNet across processes (train.py --parallel=fsdp under torchrun). --parallel=ddp keeps a whole copy
+of the UNet, its gradients and its optimizer state on every process (DistributedDataParallel, as nanoGPT);
+--parallel=fsdp shards all three across the processes with torch's FSDP2 (`fully_shard`, one group per UNet block
+and one for the root), so each card holds 1/N of them and only one block is ever gathered whole. Either way every process draws the same global
+t / noise / caption dropout and takes its slice, so N processes compute the one-process update
+(docs/scaling.md).
+
+The FSDP resume state is a folder written with torch.distributed.checkpoint (DCP): each rank writes its own
+shards, no rank ever holds the whole optimizer state, and the same folder loads into another process count
+(resharded by DCP) when the optimizer state is made of sharded tensors (adamw, adafactor).
+"""
+import os
+import pickle
+import shutil
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.tensor import DTensor
+
+import files
+from configurator import UserError
+
+
+def blocks(unet):
+    """The UNet's FSDP groups, in forward order: every input block, the middle block, every output block."""
+    return [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
+
+
+def shard(unet, compute_dtype=None, compile_kwargs=None):
+    """fully_shard each block, then the root (time_embed, label_emb, out). compute_dtype: the dtype the blocks
+    are gathered in for the forward (bf16 halves the all-gathers); grads are reduced in fp32 and kept in the
+    weights' dtype. compile_kwargs: torch.compile each block in place (a whole-UNet fullgraph compile cannot
+    trace FSDP's hooks; per block it can, and every bucket adds one graph per block)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    for block in blocks(unet):
+        fully_shard(block, mp_policy=mp)
+        if compile_kwargs is not None:
+            block.compile(**compile_kwargs)
+    fully_shard(unet, mp_policy=mp)
+    return unet
+
+
+def full(t):
+    """The whole tensor of a shard (every rank must call, in the same order); a plain tensor as it is."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def local(t):
+    """This rank's part of a tensor: the local shard of a DTensor, a plain tensor as it is."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+# -----------------------------------------------------------------------------
+# the sharded resume state: DCP shards of tensors + run.pt with the plain values (both read without pickle)
+
+class SafeReader(dcp.FileSystemReader):
+    """DCP's FileSystemReader, except that its .metadata file (a pickle) is read by an unpickler that can only
+    build DCP's own metadata records and torch sizes and dtypes: a planted file cannot run code, the guarantee
+    torch.load(weights_only=True) gives for ckpt.pt. Only tensors are stored with DCP (its other values would
+    be unpickled freely); plain values go to run.pt."""
+
+    def read_metadata(self, *args, **kwargs):
+        with open(os.path.join(self.path, ".metadata"), "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = dcp.metadata.StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        ok = module == "torch.distributed.checkpoint.metadata" or \
+            (module, name) in {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+                               ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath")} or \
+            (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        if not ok:
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
+        return super().find_class(module, name)
+
+
+def save_sharded(folder, tensors, plain, master):
+    """Write `tensors` (a nested dict of tensors and DTensors; each rank's own entries under keys of its own)
+    with DCP and `plain` (plain values, rank 0's) as run.pt, into a new folder that then replaces `folder`:
+    a crash at any moment leaves the previous folder whole (or, between two renames, as folder.old)."""
+    new, old = folder + ".new", folder + ".old"
+    if master and os.path.exists(new):
+        shutil.rmtree(new)
+    dist.barrier()
+    try:
+        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(new))
+        if master:
+            with files.atomic_path(os.path.join(new, "run.pt")) as tmp, open(tmp, "wb") as f:
+                torch.save(plain, f)
+        dist.barrier()
+    except Exception as e:
+        if master:
+            shutil.rmtree(new, ignore_errors=True)
+        if files.no_room(e):
+            raise UserError(f"no space left writing {folder}/ ({shutil.disk_usage(os.path.dirname(os.path.abspath(folder))).free / 2**30:.2f} "
+                            "GiB free there); free some space and resume from the previous checkpoint") from None
+        raise
+    if master:
+        if os.path.exists(folder):
+            os.replace(folder, old)
+        os.replace(new, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def recover(folder):
+    """A crash between save_sharded's two renames leaves only folder.old: that is the last checkpoint."""
+    if not os.path.exists(folder) and os.path.exists(folder + ".old"):
+        os.replace(folder + ".old", folder)
+    return folder
+
+
+def load_sharded(folder, tensors):
+    """Fill `tensors` (the same nested structure, DTensors with this run's sharding) in place from `folder`,
+    resharding what was saved by another process count; returns run.pt's plain values. Nothing is unpickled."""
+    plain = torch.load(os.path.join(folder, "run.pt"), map_location="cpu", weights_only=True)
+    dcp.load(tensors, storage_reader=SafeReader(folder))
+    return plain
+
+
+def saved_keys(folder):
+    """Every tensor key in a DCP folder (flattened, dotted), from its metadata alone."""
+    return set(SafeReader(folder).read_metadata().state_dict_metadata)
+
+
+def like(param, t):
+    """t (this rank's part, shaped like param's local shard) as a DTensor sharded like param; t as it is when param
+    is a plain tensor."""
+    if not isinstance(param, DTensor):
+        return t
+    return DTensor.from_local(t, param.device_mesh, param.placements, run_check=False, shape=param.shape,
+                              stride=param.stride())
