@@ -424,6 +424,30 @@ def test_cached_equals_uncached(synth, tmp_path):
     assert torch.equal(x["latents"][0], mean[0] * data.VAE_SCALE)  # scaled at batch time, stored unscaled
 
 
+def test_cache_dtype_changes_nothing_but_the_cast(synth, tmp_path):
+    """A bf16 cache: half the bytes on disk, and batches that are exactly the fp32 batches rounded to bf16 (so the
+    loss sees nothing else); the dtype is part of the key, so both caches live side by side."""
+    root, tok, _ = synth
+    items = data.scan_dataset(root, BUCKETS, seed=3, quiet=True)
+    enc = TinyEncoders(tok.vocab_size)
+    c32 = _build(items, enc, tok, str(tmp_path / "cache"))
+    c16 = _build(items, enc, tok, str(tmp_path / "cache"), dtype=torch.bfloat16)
+    assert not set(c32.lat_keys.values()) & set(c16.lat_keys.values())
+    size = lambda kind, c: sum(os.path.getsize(c.path(kind, k)) for k in set((c.lat_keys if kind == "latents" else c.txt_keys).values()))
+    assert size("latents", c16) < 0.6 * size("latents", c32) and size("text", c16) < 0.6 * size("text", c32)
+    a = data.Loader(items, c32, 3, seed=5, caption_dropout=0.3, verbose=False)
+    b = data.Loader(items, c16, 3, seed=5, caption_dropout=0.3, verbose=False)
+    cast = lambda t: t.bfloat16().float()
+    for _ in range(len(a)):
+        x, y = a.next_batch(), b.next_batch()
+        assert torch.equal(x["index"], y["index"]) and torch.equal(x["dropped"], y["dropped"])
+        batch_items = [items[i] for i in x["index"].tolist()]
+        m32, m16 = c32.load(batch_items)[0], c16.load(batch_items)[0]  # the cached means, unscaled
+        assert torch.equal(m16, cast(m32)) and torch.equal(y["latents"], m16 * data.VAE_SCALE)
+        for k in ("context", "pooled", "time_ids"):
+            assert y[k].dtype == torch.float32 and torch.equal(y[k], cast(x[k]) if k != "time_ids" else x[k]), k
+
+
 def _ddp_cache_worker(rank, world, root, vocab_dir, cache_dir, pg_file, out_dir):
     torch.distributed.init_process_group("gloo", init_method=f"file://{pg_file}", rank=rank, world_size=world)
     tok = data.load_tokenizer(vocab_dir)
