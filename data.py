@@ -28,94 +28,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageOps
 
-import files
 from configurator import UserError, UserFileNotFound
 from model import VAE_SCALE
 from tokenizer import CLIPTokenizer, load_tokenizer  # noqa: F401 (public names, kept importable here)
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
-
-# -----------------------------------------------------------------------------
-# synthetic dataset (the offline tiny demo's data, written as ordinary files so it goes through the real loader)
-
-COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40),
-           "white": (245, 245, 245), "black": (20, 20, 20), "orange": (245, 140, 30), "purple": (140, 60, 200)}
-SHAPES = ("circle", "square", "triangle", "cross", "stripes")
-POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
-
-
-def _draw_shape(draw, shape, cx, cy, r, colour):
-    if shape == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
-    elif shape == "square":
-        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=colour)
-    elif shape == "triangle":
-        draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=colour)
-    elif shape == "cross":
-        t = max(1, r // 3)
-        draw.rectangle([cx - r, cy - t, cx + r, cy + t], fill=colour)
-        draw.rectangle([cx - t, cy - r, cx + t, cy + r], fill=colour)
-    elif shape == "stripes":  # three horizontal bars filling the shape's box
-        band = max(1, (2 * r) // 5)
-        for k in range(3):
-            y0 = cy - r + 2 * k * band
-            draw.rectangle([cx - r, y0, cx + r, y0 + band - 1], fill=colour)
-
-
-def make_synthetic_dataset(root, n=64, seed=0, sizes=((128, 128), (96, 160), (160, 96), (112, 176))):
-    """n PNG + .txt pairs of one coloured shape on a plain background, sizes given as (h, w).
-
-    The default sizes fit make_buckets(area=128 * 128, step=32) = 96x160, 128x128, 160x96 (latents divisible
-    by 4, as a 3-level UNet needs); 112x176 lands in 96x160 through resize and crop, like a real photo would.
-
-    Captions read like "a large red circle on a blue background, top left". Deterministic given (n, seed,
-    sizes); idempotent: a complete dataset (manifest.json written last) is left alone, a partial one is
-    completed, a different one in the same folder is an error rather than a silent mix.
-    """
-    os.makedirs(root, exist_ok=True)
-    manifest = {"kind": "synthetic shapes v1", "n": n, "seed": seed, "sizes": [list(s) for s in sizes]}
-    mpath = os.path.join(root, "manifest.json")
-    names = [f"{i:05d}" for i in range(n)]
-    complete = lambda: all(os.path.exists(os.path.join(root, s + e)) for s in names for e in (".png", ".txt"))
-    if os.path.exists(mpath):
-        with open(mpath) as f:
-            old = json.load(f)
-        if old != manifest:
-            raise UserError(f"{root} holds a different synthetic dataset ({old}); delete it or use another folder")
-        if complete():
-            print(f"synthetic dataset: {root} is complete ({n} images), nothing to do")
-            return root
-    rng = random.Random(seed)
-    colours = list(COLOURS)
-    written = 0
-    for name in names:
-        # draw every parameter even for files that exist, so each image depends only on (seed, its number)
-        h, w = sizes[rng.randrange(len(sizes))]
-        shape, fg = rng.choice(SHAPES), rng.choice(colours)
-        bg = rng.choice([c for c in colours if c != fg])
-        pos = rng.randrange(len(POSITIONS))
-        big = rng.random() < 0.5
-        png, txt = os.path.join(root, name + ".png"), os.path.join(root, name + ".txt")
-        if os.path.exists(png) and os.path.exists(txt):
-            continue
-        img = Image.new("RGB", (w, h), COLOURS[bg])
-        row, col = divmod(pos, 3)
-        cx, cy = w * (1 + 2 * col) // 6, h * (1 + 2 * row) // 6
-        r = int(min(h, w) * (0.16 if big else 0.09))
-        _draw_shape(ImageDraw.Draw(img), shape, cx, cy, r, COLOURS[fg])
-        what = f"{fg} stripes" if shape == "stripes" else f"{fg} {shape}"
-        caption = f"a {'large' if big else 'small'} {what} on a {bg} background, {POSITIONS[pos]}"
-        buf = io.BytesIO()
-        img.save(buf, format="PNG")
-        files.write_bytes(png, buf.getvalue())
-        files.write_text(txt, caption + "\n")
-        written += 1
-    files.write_json(mpath, manifest)
-    print(f"synthetic dataset: wrote {written} of {n} images to {root}")
-    return root
-
 
 # -----------------------------------------------------------------------------
 # aspect buckets

@@ -7,7 +7,7 @@ on 2 CPU cores in about 30 minutes. It uses the real pipeline (train.py, sample_
     python mini_repro.py --help                       # every key
 
 Stages, each timed and printed:
-  1. data     synthetic 64x64 captioned shapes (data.make_synthetic_dataset). The first eval_items by path are held
+  1. data     synthetic 64x64 captioned shapes (demo.make_synthetic_dataset). The first eval_items by path are held
               out everywhere: VAE PSNR, train.py's per-t-bin eval, sample_ablation's table.
   2. vae      train a small SDXL-topology VAE (L1 + L2 + small KL, AdamW), then fold a per-channel affine into
               quant_conv / post_quant_conv so that mean * VAE_SCALE is zero-mean, unit-std: the pipeline's fixed
@@ -40,9 +40,9 @@ from PIL import Image, ImageDraw, ImageFont
 import checkpoint
 import configurator
 import data
+import demo
 import files
 import model
-import tokenizer
 
 # -----------------------------------------------------------------------------
 out = "out/mini"  # everything the run makes: images/, tokenizer/, start.safetensors, eps/, v0/, vpred/, ablation_*
@@ -179,7 +179,7 @@ def main():
     os.makedirs(out, exist_ok=True)
 
     stage("data")  # ------------------------------------------------------------------------------------------
-    data.make_synthetic_dataset(P("images"), n=n_images, seed=0, sizes=((64, 64),))
+    demo.make_synthetic_dataset(P("images"), n=n_images, seed=0, sizes=((64, 64),))
     items = data.scan_dataset(P("images"), buckets=[(64, 64)], quiet=True)  # sorted by path, as train.py scans
     x_all = torch.stack([data.load_image(it) for it in items])  # (N, 3, 64, 64) in [-1, 1]
     held, train = x_all[:eval_items], x_all[eval_items:]
@@ -206,7 +206,7 @@ def main():
     side.save(P("vae_recon.png"))
 
     stage("start")  # -----------------------------------------------------------------------------------------
-    tokenizer.build_tiny_vocab(P("tokenizer"), [it.caption for it in items])
+    demo.build_tiny_vocab(P("tokenizer"), [it.caption for it in items])
     sdxl = model.SDXL(cfg)  # constructor init: random text encoders (frozen from here on) and a random UNet
     sdxl.first_stage_model.load_state_dict(vae.state_dict())
     checkpoint.save_checkpoint(sdxl, P("start.safetensors"), v_pred=False, ztsnr=False,

@@ -23,7 +23,6 @@ Launch:
     python sample_ablation.py --help                                                                    # every key
 Writes FILE.png and FILE.json (the exact settings, the checkpoint's markers, the quant table).
 """
-import json
 import math
 import os
 import re
@@ -39,6 +38,7 @@ import checkpoint
 import configurator
 import files
 import data
+import demo
 import model
 import schedule
 import tokenizer as clip_tokenizer
@@ -267,7 +267,7 @@ def held_out(sdxl, tok, folder, n, H, W, seed, device):
     tmp = None
     if not folder:
         folder = tmp = tempfile.mkdtemp(prefix="quant_shapes_")
-        data.make_synthetic_dataset(folder, n=n, seed=seed)  # data.py's sizes, resized to H x W like training
+        demo.make_synthetic_dataset(folder, n=n, seed=seed)  # demo.py's sizes, resized to H x W like training
     try:
         items = data.scan_dataset(folder, buckets=[(H, W)], seed=seed, min_pixels=0)[:n]
         if not items:

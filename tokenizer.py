@@ -10,17 +10,14 @@ Text cleaning follows transformers-5's CLIPTokenizer (NFC, whitespace runs -> on
 open_clip's ftfy + html.unescape: ids equal transformers' on every prompt tested, and differ from open_clip's on
 ligatures, fullwidth forms, curly quotes and HTML entities, which ftfy rewrites.
 """
-import gzip
 import json
 import os
-import tempfile
 import unicodedata
 from functools import lru_cache
 
 import regex
 import torch
 
-import files
 from configurator import UserError, UserFileNotFound
 
 CONTEXT_LENGTH = 77  # BOS + 75 tokens + EOS
@@ -81,7 +78,7 @@ class CLIPTokenizer:
 
     tok(texts, pad_id=None) -> LongTensor [B, 77]: BOS, tokens, EOS, then pad_id (default EOS). Longer texts
     are truncated to 75 tokens so position 76 holds EOS. BOS/EOS ids are read from the vocabulary, so small
-    vocabularies (build_tiny_vocab) work the same way.
+    vocabularies (demo.build_tiny_vocab) work the same way.
     """
 
     def __init__(self, vocab_path, merges_path):
@@ -146,82 +143,6 @@ class CLIPTokenizer:
         return torch.tensor(rows, dtype=torch.long).reshape(len(rows), length)
 
 
-def _write_vocab(out_dir, vocab_list, merges):
-    os.makedirs(out_dir, exist_ok=True)
-    vocab = {}
-    for tok in vocab_list:
-        vocab.setdefault(tok, len(vocab))  # a duplicate (two merges giving one string) keeps its first id
-    files.write_json(os.path.join(out_dir, "vocab.json"), vocab, ensure_ascii=False)
-    files.write_text(os.path.join(out_dir, "merges.txt"),
-                       "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    return out_dir
-
-
-def _base_vocab():
-    chars = list(bytes_to_unicode().values())
-    return chars + [c + "</w>" for c in chars]
-
-
-def openclip_bpe_path():
-    """Where the open_clip_torch wheel keeps its vocabulary, found without importing open_clip."""
-    import importlib.util
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("open_clip_torch is not installed: `pip install --no-deps open_clip_torch` "
-                                "puts bpe_simple_vocab_16e6.txt.gz on disk, or pass the file's path")
-    return os.path.join(list(spec.submodule_search_locations)[0], "bpe_simple_vocab_16e6.txt.gz")
-
-
-def vocab_from_openclip(bpe_gz_path=None, out_dir="tokenizer"):
-    """Write vocab.json + merges.txt with the same content as SDXL's tokenizer/ files, from open_clip's .gz."""
-    bpe_gz_path = bpe_gz_path or openclip_bpe_path()
-    with gzip.open(bpe_gz_path) as f:
-        lines = f.read().decode("utf-8").split("\n")
-    # line 0 is a header; CLIP uses the first 49152 - 256 - 2 = 48894 merges (49408 = 512 + 48894 + 2)
-    merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]
-    vocab = _base_vocab() + ["".join(m) for m in merges] + [BOS_TOKEN, EOS_TOKEN]
-    assert len(vocab) == 49408, len(vocab)
-    return _write_vocab(out_dir, vocab, merges)
-
-
-def build_tiny_vocab(out_dir, texts, n_merges=256):
-    """Learn a small CLIP-style BPE vocabulary from texts: 256 bytes + their '</w>' forms + merges + specials.
-
-    Greedy BPE (Sennrich et al. 2016): repeatedly merge the most frequent adjacent pair (ties: smallest pair),
-    counting pairs over the cleaned, pre-split, byte-encoded words of the texts.
-    """
-    counts = {}
-    for text in texts:
-        for part in _SPECIALS.split(text)[::2]:
-            for piece in SPLIT_PATTERN.findall(clean_text(part)):
-                for word in _SPECIAL_AS_TEXT.get(piece, [piece]):
-                    counts[word] = counts.get(word, 0) + 1
-    words = [[list(w[:-1]) + [w[-1] + "</w>"], c] for w, c in
-             ((_byte_encode(p), c) for p, c in sorted(counts.items()))]
-    merges = []
-    for _ in range(n_merges):
-        pairs = {}
-        for symbols, c in words:
-            for pair in zip(symbols, symbols[1:]):
-                pairs[pair] = pairs.get(pair, 0) + c
-        if not pairs:
-            break
-        best = min(pairs, key=lambda p: (-pairs[p], p))
-        merges.append(best)
-        for w in words:
-            s, merged, i = w[0], [], 0
-            while i < len(s):
-                if i < len(s) - 1 and s[i] == best[0] and s[i + 1] == best[1]:
-                    merged.append(s[i] + s[i + 1])
-                    i += 2
-                else:
-                    merged.append(s[i])
-                    i += 1
-            w[0] = merged
-    vocab = _base_vocab() + ["".join(m) for m in merges] + [BOS_TOKEN, EOS_TOKEN]
-    return _write_vocab(out_dir, vocab, merges)
-
-
 def tokenizer_folder(spec):
     """The local folder holding vocab.json + merges.txt for a spec: a folder (or its tokenizer/ subfolder), or
     "hf:REPO" (downloads REPO's tokenizer/ folder with huggingface_hub)."""
@@ -240,14 +161,11 @@ def tokenizer_folder(spec):
         if os.path.isfile(os.path.join(folder, "vocab.json")) and os.path.isfile(os.path.join(folder, "merges.txt")):
             return folder
     raise UserFileNotFound(f"tokenizer: no vocab.json + merges.txt in {spec} (nor in {spec}/tokenizer); "
-                           f"use a folder, an open_clip .txt.gz, or hf:REPO")
+                           f"use such a folder, or hf:REPO")
 
 
 def load_tokenizer(spec):
-    """spec: a folder or "hf:REPO" as in tokenizer_folder, or open_clip's bpe_simple_vocab_16e6.txt.gz."""
-    spec = str(spec)
-    if spec.endswith(".gz"):
-        spec = vocab_from_openclip(spec, tempfile.mkdtemp(prefix="clip_vocab_"))
+    """spec: a folder or "hf:REPO", as in tokenizer_folder."""
     folder = tokenizer_folder(spec)
     try:
         return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"))

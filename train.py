@@ -36,6 +36,7 @@ import cache as encoder_cache
 import checkpoint
 import configurator
 import data
+import demo
 import export
 import files
 import model
@@ -245,18 +246,10 @@ else:
     base, iter_num, skipped = init_from, 0, 0  # what the run started from, even when resuming
 
 
-def make_tiny_start(path):
-    """A tiny SDXL-topology checkpoint with random weights, saved in the real sgm layout (the demo's 'SDXL base')."""
-    sdxl = model.SDXL(model.SDXLConfig.tiny())
-    model.init_random_(sdxl, seed=0)
-    checkpoint.save_checkpoint(sdxl, path, v_pred=False, ztsnr=False, metadata={"note": "tiny random start"})
-    print(f"wrote a tiny random SDXL-topology start checkpoint to {path}")
-
-
 start_path = None if base == "random" else checkpoint.fetch(base)
 if tiny_size and start_path and not os.path.exists(start_path):
     if master_process:
-        make_tiny_start(start_path)
+        demo.make_tiny_start(start_path)
     if distributed:
         torch.distributed.barrier(group=slow_group)
 try:
@@ -275,10 +268,10 @@ if master_process:
 # -----------------------------------------------------------------------------
 # data: scan, hold out the eval items, cache latents and text embeddings once, then a resumable loader
 if make_synthetic and master_process and not os.path.isdir(dataset_dir):
-    data.make_synthetic_dataset(dataset_dir, n=make_synthetic, seed=0, sizes=synthetic_sizes)
+    demo.make_synthetic_dataset(dataset_dir, n=make_synthetic, seed=0, sizes=synthetic_sizes)
 if make_synthetic and master_process and not tokenizer.startswith("hf:") and not os.path.exists(os.path.join(tokenizer, "vocab.json")):
     # the synthetic demo's vocabulary is learned from its own captions, so it works offline
-    clip_tokenizer.build_tiny_vocab(tokenizer, [it.caption for it in data.scan_dataset(dataset_dir, quiet=True)])
+    demo.build_tiny_vocab(tokenizer, [it.caption for it in data.scan_dataset(dataset_dir, quiet=True)])
 if distributed:
     torch.distributed.barrier(group=slow_group)
 tok = clip_tokenizer.load_tokenizer(tokenizer)

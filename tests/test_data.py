@@ -18,8 +18,10 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import cache as encoder_cache
+import clip_vocab
 from configurator import UserError
 import data
+import demo
 import tokenizer
 
 # -----------------------------------------------------------------------------
@@ -86,16 +88,16 @@ BUCKETS = data.make_buckets(area=64 * 64, step=16)  # (48, 80), (64, 64), (80, 4
 def real_vocab(tmp_path_factory):
     bpe = os.path.join(list(importlib.util.find_spec("open_clip").submodule_search_locations)[0],
                        "bpe_simple_vocab_16e6.txt.gz")
-    return tokenizer.vocab_from_openclip(bpe, str(tmp_path_factory.mktemp("clip_vocab")))
+    return clip_vocab.vocab_from_openclip(bpe, str(tmp_path_factory.mktemp("clip_vocab")))
 
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
     """A small synthetic dataset, its tiny vocabulary and tokenizer."""
     root = str(tmp_path_factory.mktemp("synth"))
-    data.make_synthetic_dataset(root, n=24, seed=0, sizes=((64, 64), (48, 80), (80, 48), (100, 100)))
+    demo.make_synthetic_dataset(root, n=24, seed=0, sizes=((64, 64), (48, 80), (80, 48), (100, 100)))
     texts = [open(os.path.join(root, f)).read() for f in sorted(os.listdir(root)) if f.endswith(".txt")]
-    vdir = tokenizer.build_tiny_vocab(str(tmp_path_factory.mktemp("tiny_vocab")), texts, n_merges=64)
+    vdir = demo.build_tiny_vocab(str(tmp_path_factory.mktemp("tiny_vocab")), texts, n_merges=64)
     return root, data.load_tokenizer(vdir), vdir
 
 
@@ -575,8 +577,8 @@ def test_ddp_ranks_disjoint_and_covering(world):
 
 def test_synthetic_dataset_deterministic_and_idempotent(tmp_path, capsys):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    data.make_synthetic_dataset(a, n=12, seed=4)
-    data.make_synthetic_dataset(b, n=12, seed=4)
+    demo.make_synthetic_dataset(a, n=12, seed=4)
+    demo.make_synthetic_dataset(b, n=12, seed=4)
     files = sorted(os.listdir(a))
     assert files == sorted(os.listdir(b)) and len(files) == 12 * 2 + 1
     assert all(open(os.path.join(a, f), "rb").read() == open(os.path.join(b, f), "rb").read() for f in files)
@@ -586,17 +588,17 @@ def test_synthetic_dataset_deterministic_and_idempotent(tmp_path, capsys):
     assert len(sizes) >= 2
     mtimes = {f: os.stat(os.path.join(a, f)).st_mtime_ns for f in files}
     capsys.readouterr()
-    data.make_synthetic_dataset(a, n=12, seed=4)
+    demo.make_synthetic_dataset(a, n=12, seed=4)
     assert "nothing to do" in capsys.readouterr().out
     assert mtimes == {f: os.stat(os.path.join(a, f)).st_mtime_ns for f in files}
     os.remove(os.path.join(a, "00005.png"))  # an interrupted run is completed, identically
-    data.make_synthetic_dataset(a, n=12, seed=4)
+    demo.make_synthetic_dataset(a, n=12, seed=4)
     assert open(os.path.join(a, "00005.png"), "rb").read() == open(os.path.join(b, "00005.png"), "rb").read()
     assert os.stat(os.path.join(a, "00006.png")).st_mtime_ns == mtimes["00006.png"]
     with pytest.raises(ValueError, match="different synthetic dataset"):
-        data.make_synthetic_dataset(a, n=12, seed=5)
+        demo.make_synthetic_dataset(a, n=12, seed=5)
     c = str(tmp_path / "c")
-    data.make_synthetic_dataset(c, n=12, seed=5)
+    demo.make_synthetic_dataset(c, n=12, seed=5)
     assert open(os.path.join(c, "00000.png"), "rb").read() != open(os.path.join(a, "00000.png"), "rb").read() or \
         open(os.path.join(c, "00000.txt")).read() != caption
 

@@ -4,7 +4,6 @@ exit status 2 and no traceback, found before any heavy work where the config alo
 already has is changed; a run that did not train says so with a non-zero status and exports nothing.
 """
 import fcntl
-import json
 import os
 import resource
 import signal

@@ -11,8 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-import data
-import tokenizer
+import demo
 from configurator import UserError
 import model
 import sample_ablation as SA
@@ -30,7 +29,7 @@ def tiny_ckpt(tmp_path_factory):
     sdxl = model.init_random_(model.SDXL(model.SDXLConfig.tiny()), seed=0)
     path = str(d / "model.safetensors")
     model.save_checkpoint(sdxl, path, v_pred=True, ztsnr=True)
-    tokenizer.build_tiny_vocab(str(d / "diffusers" / "tokenizer"), CAPTIONS)
+    demo.build_tiny_vocab(str(d / "diffusers" / "tokenizer"), CAPTIONS)
     return path
 
 

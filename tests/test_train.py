@@ -10,7 +10,6 @@ import torch
 from safetensors.torch import load_file
 
 import model
-import schedule
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
