@@ -237,7 +237,7 @@ if resume:
                                      f"{ckpt['config']['optimizer']} state; resume with --optimizer={ckpt['config']['optimizer']}")
     if sharded and optimizer == "adamw8bit" and ckpt["world"] != world:
         raise configurator.UserError(f"{ckpt_path} holds adamw8bit state for {ckpt['world']} processes, one buffer "
-                                     f"each: resume with {ckpt['world']} (adamw and adafactor reshard to any count)")
+                                     f"each: resume with {ckpt['world']} (adamw state reshards to any count)")
     if iter_num >= max_iters:
         raise configurator.UserError(f"{ckpt_path} is at iter {iter_num} already: pass --max_iters above {iter_num} "
                                      f"to train further")
