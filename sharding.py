@@ -1,14 +1,12 @@
 """
-Sharding the UNet across processes (train.py --parallel=fsdp under torchrun). --parallel=ddp keeps a whole copy
-of the UNet, its gradients and its optimizer state on every process (DistributedDataParallel, as nanoGPT);
---parallel=fsdp shards all three across the processes with torch's FSDP2 (`fully_shard`, one group per UNet block
-and one for the root), so each card holds 1/N of them and only one block is ever gathered whole. Either way every process draws the same global
-t / noise / caption dropout and takes its slice, so N processes compute the one-process update
-(docs/scaling.md).
+Sharding the UNet across processes: train.py --parallel=fsdp under torchrun (docs/scaling.md). Where
+--parallel=ddp keeps a whole copy of the UNet, its grads and its optimizer state on every process, fsdp shards
+all three with torch's FSDP2 (`fully_shard`, one group per UNet block and one for the root): each card holds 1/N
+of them and gathers one block at a time.
 
 The FSDP resume state is a folder written with torch.distributed.checkpoint (DCP): each rank writes its own
-shards, no rank ever holds the whole optimizer state, and the same folder loads into another process count
-(resharded by DCP) when the optimizer state is made of sharded tensors (adamw, adafactor).
+shards, no rank ever holds the whole optimizer state, and the folder loads into another process count
+(resharded by DCP) when the optimizer state is made of sharded tensors (adamw).
 """
 import os
 import pickle
@@ -96,12 +94,13 @@ def save_sharded(folder, tensors, plain, master):
             with files.atomic_path(os.path.join(new, "run.pt")) as tmp, open(tmp, "wb") as f:
                 torch.save(plain, f)
         dist.barrier()
-    except Exception as e:
+    except BaseException as e:  # (DCP's own CheckpointException is a BaseException)
         if master:
             shutil.rmtree(new, ignore_errors=True)
         if files.no_room(e):
-            raise UserError(f"no space left writing {folder}/ ({shutil.disk_usage(os.path.dirname(os.path.abspath(folder))).free / 2**30:.2f} "
-                            "GiB free there); free some space and resume from the previous checkpoint") from None
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(folder))).free / 2**30
+            raise UserError(f"no space left writing {folder}/ ({free:.2f} GiB free there); free some space and "
+                            "resume from the previous checkpoint, which is untouched") from None
         raise
     if master:
         if os.path.exists(folder):
@@ -124,11 +123,6 @@ def load_sharded(folder, tensors):
     plain = torch.load(os.path.join(folder, "run.pt"), map_location="cpu", weights_only=True)
     dcp.load(tensors, storage_reader=SafeReader(folder))
     return plain
-
-
-def saved_keys(folder):
-    """Every tensor key in a DCP folder (flattened, dotted), from its metadata alone."""
-    return set(SafeReader(folder).read_metadata().state_dict_metadata)
 
 
 def like(param, t):

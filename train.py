@@ -563,7 +563,7 @@ def export_model():
         tok_dir = clip_tokenizer.tokenizer_folder(tokenizer)
         export.write_diffusers_config(sdxl.cfg, os.path.join(out_dir, "diffusers"), beta_end=beta_end, zsnr=zsnr,
                                       prediction=prediction, tokenizer_dirs=(tok_dir, tok_dir), beta_start=beta_start)
-        print(f"exported {out_dir}/model{'' if ema is None else ' and model_ema'}.safetensors and {out_dir}/diffusers/")
+        print(f"exported {out_dir}/model.safetensors{'' if ema is None else ', model_ema.safetensors'} and diffusers/")
 
 
 # seed here, after every setup step (making a start checkpoint draws from the RNG, loading one does not);
