@@ -65,8 +65,8 @@ def encode_captions(encode_text, tokens1, tokens2, device="cpu"):
     return context.float().cpu(), pooled.float().cpu()
 
 
-def weights_fingerprint(*modules, n_sample=8):
-    """A cheap hash of modules' weights: every name and shape, plus a strided sample of values of n_sample
+def weights_fingerprint(*modules):
+    """A cheap hash of modules' weights: every name and shape, plus a strided sample of values of 8
     evenly spaced tensors (a fine-tune moves every tensor, so a sample catches it). Part of cache keys."""
     h = hashlib.blake2b(digest_size=16)
     for m in modules:
@@ -74,7 +74,7 @@ def weights_fingerprint(*modules, n_sample=8):
         names = sorted(sd)
         for k in names:
             h.update(f"{k}:{tuple(sd[k].shape)};".encode())
-        for k in names[:: max(1, len(names) // n_sample)]:
+        for k in names[:: max(1, len(names) // 8)]:
             t = sd[k]
             if t.is_meta or not t.is_floating_point():
                 continue
@@ -87,6 +87,7 @@ def weights_fingerprint(*modules, n_sample=8):
 # -----------------------------------------------------------------------------
 # the cache: one safetensors file per entry, content-addressed
 
+RAM_GB = 8.0  # cached entries kept in RAM too (an SDXL 1024^2 image's latent + caption: about 0.9 MB in fp32)
 _ST = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}  # safetensors' names of the dtypes
 
 
@@ -102,7 +103,7 @@ def _text_key(t1, t2, text_fp, dtype=torch.float32):
 
 
 class Cache:
-    """Cached VAE means (unscaled) and text embeddings of a list of items, kept in RAM up to ram_gb.
+    """Cached VAE means (unscaled) and text embeddings of a list of items, the first RAM_GB of them kept in RAM.
 
     Files: cache_dir/latents/ab/<key>.safetensors ("mean" [C, h, w]) and cache_dir/text/ab/<key>.safetensors
     ("context" [77, D], "pooled" [P]), stored as `dtype` (fp32; bf16 or fp16 halve disk and RAM, load() casts
@@ -110,10 +111,10 @@ class Cache:
     weights, tokens, dtype) names a new file, so stale entries are never read.
     """
 
-    def __init__(self, cache_dir, lat_keys, txt_keys, ram_gb=8.0, dtype=torch.float32):
+    def __init__(self, cache_dir, lat_keys, txt_keys, dtype=torch.float32):
         self.dir, self.dtype = cache_dir, dtype
         self.lat_keys, self.txt_keys = lat_keys, txt_keys  # item.index -> key
-        self.ram, self.ram_used, self.ram_bytes = {}, 0, int(ram_gb * 2 ** 30)
+        self.ram, self.ram_used, self.ram_bytes = {}, 0, int(RAM_GB * 2 ** 30)
 
     def path(self, kind, key):
         return os.path.join(self.dir, kind, key[:2], key + ".safetensors")
@@ -200,7 +201,7 @@ def _fingerprints(encoders, vae_fp, text_fp):
 
 
 def build_cache(items, encoders, tokenizer, cache_dir, device="cpu", batch_size=8, rank=0, world=1, vae_fp=None,
-                text_fp=None, verify=True, ram_gb=8.0, workers=8, group=None, dtype=torch.float32):
+                text_fp=None, verify=True, workers=8, group=None, dtype=torch.float32):
     """Make sure every item's VAE mean and text embedding is cached; return the Cache.
 
     encoders: the SDXL model (or a stand-in) with .vae.encode(img [B,3,H,W] in [-1,1]) -> (mean, logvar) and
@@ -224,7 +225,7 @@ def build_cache(items, encoders, tokenizer, cache_dir, device="cpu", batch_size=
     # 1. keys: one latent entry per (image, plan), one text entry per distinct token pair
     tokens1, tokens2 = tokenize(tokenizer, [it.caption for it in items])
     cache = Cache(cache_dir, {it.index: _latent_key(it, vae_fp, dtype) for it in items},
-                  {it.index: _text_key(tokens1[i], tokens2[i], text_fp, dtype) for i, it in enumerate(items)}, ram_gb, dtype)
+                  {it.index: _text_key(tokens1[i], tokens2[i], text_fp, dtype) for i, it in enumerate(items)}, dtype)
     images, captions = {}, {}  # key -> what to encode
     for i, it in enumerate(items):
         images.setdefault(cache.lat_keys[it.index], it)

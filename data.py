@@ -312,8 +312,8 @@ def load_image(item):
 # -----------------------------------------------------------------------------
 # the batch loader
 
-def collate(items, source, dropped=None, vae_scale=VAE_SCALE):
-    """One batch dict from a list of items: latents (mean x vae_scale), context, pooled, time_ids, index,
+def collate(items, source, dropped=None):
+    """One batch dict from a list of items: latents (mean x VAE_SCALE), context, pooled, time_ids, index,
     dropped. Dropped samples get zeroed context and pooled (the sampler's unconditional branch)."""
     dropped = torch.zeros(len(items), dtype=torch.bool) if dropped is None else dropped
     # load() returns freshly stacked tensors (never the cached ones), so in-place edits are safe and save
@@ -322,7 +322,7 @@ def collate(items, source, dropped=None, vae_scale=VAE_SCALE):
     context[dropped] = 0.0
     pooled[dropped] = 0.0
     time_ids = torch.tensor([[*it.orig_hw, *it.crop_tl, *it.bucket] for it in items], dtype=torch.float32)
-    return {"latents": mean.mul_(vae_scale), "context": context, "pooled": pooled, "time_ids": time_ids,
+    return {"latents": mean.mul_(VAE_SCALE), "context": context, "pooled": pooled, "time_ids": time_ids,
             "index": torch.tensor([it.index for it in items], dtype=torch.long), "dropped": dropped}
 
 
@@ -346,18 +346,18 @@ class Loader:
 
     source: a Cache (from build_cache) or OnTheFly, anything with .load(items) -> (mean, context, pooled) that
     returns new tensors (they are edited in place).
-    Batches: latents [B,C,h,w] fp32 (mean * vae_scale), context [B,77,D], pooled [B,P] (both zero where
+    Batches: latents [B,C,h,w] fp32 (mean * VAE_SCALE), context [B,77,D], pooled [B,P] (both zero where
     dropped), time_ids [B,6] = (orig_h, orig_w, crop_top, crop_left, target_h, target_w), index [B] (item
     ids), dropped [B] bool.
     """
 
-    def __init__(self, items, source, batch_size, rank=0, world=1, seed=0, caption_dropout=0.1, vae_scale=VAE_SCALE,
+    def __init__(self, items, source, batch_size, rank=0, world=1, seed=0, caption_dropout=0.1,
                  verbose=True):
         assert items, "no images to train on"
         assert 0 <= rank < world, (rank, world)
         self.items, self.source, self.batch_size, self.rank, self.world = list(items), source, batch_size, rank, world
         self.global_batch = batch_size * world  # divisible by world by construction
-        self.seed, self.caption_dropout, self.vae_scale = seed, caption_dropout, vae_scale
+        self.seed, self.caption_dropout = seed, caption_dropout
         self.by_bucket = {}
         for pos, it in enumerate(self.items):
             self.by_bucket.setdefault(tuple(it.bucket), []).append(pos)
@@ -396,7 +396,7 @@ class Loader:
         drop = torch.rand(G, generator=self.gen) < self.caption_dropout  # whole global batch: ranks agree
         self.position += 1
         items = [self.items[p] for p in slots[r * B:(r + 1) * B]]
-        return collate(items, self.source, drop[r * B:(r + 1) * B], self.vae_scale)
+        return collate(items, self.source, drop[r * B:(r + 1) * B])
 
     def __iter__(self):
         while True:

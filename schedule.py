@@ -136,7 +136,7 @@ def cfg_rescale(pos, neg, scale, phi=0.7):
 
 
 @torch.no_grad()
-def sample(model_fn, noise, abar, steps=25, prediction="v", guidance=1.0, phi=0.7, callback=None):
+def sample(model_fn, noise, abar, steps=25, prediction="v", guidance=1.0, phi=0.7):
     """DDIM (eta=0) from pure noise on `steps` trailing timesteps; returns x0 (latents, model scale).
 
     model_fn(z, t) -> output [B,...] when guidance == 1, else (pos, neg), the conditional and
@@ -152,7 +152,5 @@ def sample(model_fn, noise, abar, steps=25, prediction="v", guidance=1.0, phi=0.
             pos, neg = out
             out = cfg_rescale(pos.float(), neg.float(), guidance, phi)
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
-        z, x0 = ddim_step(out.float(), t, t_prev, z, abar, prediction)
-        if callback is not None:
-            callback(i, t, z, x0)
+        z, _ = ddim_step(out.float(), t, t_prev, z, abar, prediction)
     return z
