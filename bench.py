@@ -14,14 +14,15 @@ On the full UNet at 1024^2 on a GPU, a `target:` line says whether each target (
     # the 24 GB mode: pure bf16 weights + per-block gradient checkpointing, batch 1
     python bench.py --init_from=random --resolution=1024 --batch_size=1 --precision=bf16 --grad_ckpt=True
 
-Timing: CUDA events on a GPU (no host sync inside the timed steps: t, noise and the loss weight are made on
-the device), wall clock on CPU; the first step (which compiles) is timed apart from the steady state, then
-`warmup` untimed steps, then `rounds` windows of `iters` steps; medians over all timed steps are reported. On
-CPU both models stay in memory and the windows alternate (ours, theirs, theirs, ours, ...) so drift and
-noisy neighbours hit both, and torch runs one thread (--threads): two OpenMP threads on two shared, busy cores
-stall at every barrier and swing step times tenfold. On a GPU two SDXL trainers (weights, grads, optimizer
-state) do not fit at once, so they run one after the other; diffusers compiles second and reuses the Inductor
-kernels the two graphs share, so its first-step time is the lower bound of a cold compile.
+Timing: CUDA events on a GPU (one host sync per step, as train.py's: the skip test and the clip factor that
+AdamW8bit's kernels apply, fetched together; t, noise and the loss weight are made on the device), wall clock
+on CPU; the first step (which compiles) is timed apart from the steady state, then `warmup` untimed steps, then
+`rounds` windows of `iters` steps; medians over all timed steps are reported. On CPU both models stay in
+memory and the windows alternate (ours, theirs, theirs, ours, ...) so drift and noisy neighbours hit both, and
+torch runs one thread (--threads): two OpenMP threads on two shared, busy cores stall at every barrier and
+swing step times tenfold. On a GPU two SDXL trainers (weights, grads, optimizer state) do not fit at once, so
+they run one after the other; diffusers compiles second and reuses the Inductor kernels the two graphs share,
+so its first-step time is the lower bound of a cold compile.
 FLOPs: counted once with torch.utils.flop_counter.FlopCounterMode on the meta device at the real shape,
 forward + backward, without checkpointing (model FLOPs; recomputation is not credited). MFU is against the
 dense bf16 peak of the device (table below, or --peak_tflops).
@@ -280,11 +281,16 @@ def step(side, marks):
     marks.append(clock())
     loss.backward()
     marks.append(clock())
-    if grad_clip > 0:
+    opt, max_norm = side["opt"], grad_clip if grad_clip > 0 else math.inf
+    if optimizer == "adamw8bit":  # as train.py: the factor goes to the update kernels, fetched with the skip test
+        gnorm = opt.grad_norm()
+        ok = torch.isfinite(gnorm) & torch.isfinite(loss)  # (a bench step never skips; the transfer is the cost)
+        ok, coef = torch.stack([ok.float(), (max_norm / (gnorm + 1e-6)).clamp(max=1.0)]).tolist()
+    elif grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(side["net"].parameters(), grad_clip)  # foreach, no host sync
     marks.append(clock())
-    side["opt"].step()
-    side["opt"].zero_grad(set_to_none=True)
+    opt.step(gnorm_scale=coef) if optimizer == "adamw8bit" else opt.step()
+    opt.zero_grad(set_to_none=True)
     marks.append(clock())
 
 

@@ -684,17 +684,21 @@ while iter_num < max_iters:
             flops_per_image[hw] = perf.unet_flops(sdxl.cfg.unet, *hw)
         log["flops"] += b * world * flops_per_image[hw]
 
-    # a non-finite loss or gradient skips the step: weights and optimizer state untouched
-    gnorm = sharding.full(torch.nn.utils.clip_grad_norm_(unet.parameters(), grad_clip if grad_clip > 0 else math.inf))
+    # a non-finite loss or gradient skips the step: weights and optimizer state untouched. AdamW8bit applies the
+    # clip factor as its kernels read the grads (no pass over them to scale); the others clip in place
+    flat, max_norm = optimizer == "adamw8bit", grad_clip if grad_clip > 0 else math.inf
+    gnorm = opt.grad_norm() if flat else sharding.full(torch.nn.utils.clip_grad_norm_(unet.parameters(), max_norm))
+    coef = (max_norm / (gnorm + 1e-6)).clamp(max=1.0) if flat else torch.ones_like(gnorm)  # as clip_grad_norm_
     ok = torch.isfinite(gnorm) & torch.isfinite(loss_sum)
     if distributed:  # every process takes the same decision
         ok = ok.float()
         torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
         ok = ok.bool()
-    # the one host sync of the step: bitsandbytes has no on-device skip, and a skipped step must not
-    # touch the optimizer state (its moments and step count)
-    if bool(ok):
-        opt.step()
+    # the one host sync of the step, the skip decision and the clip factor in one transfer: bitsandbytes has no
+    # on-device skip and takes the factor as a float, and a skipped step must not touch the optimizer state
+    ok, coef = torch.stack([ok.float(), coef.float()]).tolist()
+    if ok:
+        opt.step(gnorm_scale=coef) if flat else opt.step()
         consecutive, steps_ok = 0, steps_ok + 1
         if ema and (iter_num + 1 - skipped) % ema_interval == 0:  # every ema_interval successful steps
             ema.update()
