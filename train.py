@@ -104,6 +104,7 @@ dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # compute dtype 
 precision = "amp"  # amp: fp32 master weights + autocast; bf16: pure bf16 weights, updates kept by stochastic rounding (adamw8bit)
 compile = torch.cuda.is_available()  # torch.compile the UNet (the uncompiled module is what gets saved)
 compile_warm = True  # compile every training bucket before step 1 (cost printed); False: at each bucket's first batch
+compile_mode = "default"  # torch.compile mode: default | max-autotune-no-cudagraphs | reduce-overhead | max-autotune
 grad_ckpt = False  # per-block gradient checkpointing (+31% FLOPs; for small-memory cards)
 seed = 1337  # seeds the data order, caption dropout, t and noise (the same on every process)
 peak_tflops = 0.0  # device peak for MFU; 0 = look up the device table
@@ -359,7 +360,7 @@ if compile:
     graphs = (len(train_buckets) + 2) * (len(sharding.blocks(unet)) if sharded else 1)
     torch._dynamo.config.recompile_limit = max(8, graphs)
     torch._dynamo.config.accumulated_recompile_limit = max(256, 2 * graphs)
-compile_kwargs = dict(fullgraph=True, backend=debug_compile_backend) if compile else None
+compile_kwargs = dict(fullgraph=True, backend=debug_compile_backend, mode=compile_mode) if compile else None
 if sharded:  # blocks gathered in the compute dtype under amp (halves the all-gathers), grads reduced in fp32
     sharding.shard(unet, ptdtype if precision == "amp" and ptdtype != torch.float32 else None, compile_kwargs)
 opt = optim.configure_optimizer(unet.parameters(), optimizer, lr, get_betas(0), adam_eps, weight_decay,

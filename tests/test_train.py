@@ -216,9 +216,12 @@ def test_compiled_run_warms_every_bucket_past_dynamo_limit(tmp_path):
     run(tmp_path / "eager", common)
     env = dict(os.environ, TORCH_LOGS="recompiles")
     r = subprocess.run([sys.executable, "train.py", "config/tiny.py", f"--out_dir={tmp_path}/compiled", *common,
-                        "--compile=True", "--debug_compile_backend=eager"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=900, env=env)
+                        "--compile=True", "--debug_compile_backend=eager", "--compile_mode=max-autotune-no-cudagraphs"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    # compile_mode reaches the compiler (Dynamo's eager backend says it ignores it) and is recorded with the run
+    assert "ignoring extra kwargs {'mode': 'max-autotune-no-cudagraphs'}" in r.stderr
+    assert json.load(open(tmp_path / "compiled" / "run.json"))["config"]["compile_mode"] == "max-autotune-no-cudagraphs"
     n = int(next(l for l in r.stdout.splitlines() if l.startswith("compiled ") and "buckets in" in l).split()[1])
     assert n >= 9 and r.stdout.count("compiled bucket ") == n
     assert r.stderr.count("Recompiling function forward") == n - 1, "a bucket compiled twice, or inside the loop"
