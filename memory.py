@@ -35,7 +35,7 @@ precision = "amp"  # amp: fp32 weights and grads, bf16 autocast | bf16: pure bf1
 grad_ckpt = False  # per-block gradient checkpointing
 optimizer = "adamw8bit"  # adamw8bit (optim.FlatAdamW8bit) | adamw (torch: two moments in the weights' dtype)
 gpus = (1, 2, 4, 8)  # process counts shown
-cards = (24, 40, 48, 80, 141)  # card sizes in GB as sold; the CUDA allocator sees about as many GiB (an 80 GB H100: 79.6)
+cards = (24, 40, 48, 80, 141)  # card sizes in GB as sold; CUDA sees about as many GiB (an 80 GB H100: 79.6)
 headroom = 3.0  # GiB left free on every card (CUDA context, allocator fragmentation, activation grads, workspaces)
 # -----------------------------------------------------------------------------
 FSDP_GATHERED = 2  # whole blocks held by FSDP2 at once: the one computing and the next, all-gathered ahead of it
@@ -203,11 +203,11 @@ def report(batch_size, resolution, precision, grad_ckpt, optimizer, gpus, cards,
              f"({'fp32 weights and grads' if precision == 'amp' else 'bf16 weights and grads'}, bf16 autocast), "
              f"{optimizer}, batch {batch_size} per GPU at {resolution}x{resolution}, grad_ckpt {grad_ckpt}",
              f"activations (measured on meta): {act / GIB:.2f} GiB, of which autocast's bf16 weight copies "
-             f"{(act - act_fsdp) / GIB:.2f} GiB (of {sum(copies.values()) / GIB:.2f} GiB made: a weight whose input needs no "
-             f"grad is not saved; fsdp gathers its blocks in bf16 and makes none)",
+             f"{(act - act_fsdp) / GIB:.2f} GiB (of {sum(copies.values()) / GIB:.2f} GiB made: a weight whose input "
+             f"needs no grad is not saved; fsdp gathers its blocks in bf16 and makes none)",
              f"GiB per GPU; a card fits when the total is at most its size less {headroom:g} GiB",
-             "", "| parallel | GPUs | weights | grads | optimizer | gathered blocks / DDP buckets | activations | total "
-                 "| fits (GB cards) |", "|---|---|---|---|---|---|---|---|---|"]
+             "", "| parallel | GPUs | weights | grads | optimizer | gathered blocks / DDP buckets | activations "
+                 "| total | fits (GB cards) |", "|---|---|---|---|---|---|---|---|---|"]
     for parallel in ("ddp", "fsdp"):
         for n in gpus:
             r = per_gpu(static, act, act_fsdp, parallel, n, precision, optimizer)

@@ -81,15 +81,18 @@ def collect(out, train_dir=""):
         if log["iters"]:
             records.append(train_record(mode, log, run))
         if log["buckets"]:
-            notes.append(f"{mode}: compile per bucket " + ", ".join(f"{b} {s:.1f} s" for b, s in log["buckets"].items()))
-        notes.append(f"{mode}: {len(log['iters'])} log lines, last iter {log['iters'][-1]['iter'] if log['iters'] else '-'}")
+            per_bucket = ", ".join(f"{b} {s:.1f} s" for b, s in log["buckets"].items())
+            notes.append(f"{mode}: compile per bucket {per_bucket}")
+        last = log["iters"][-1]["iter"] if log["iters"] else "-"
+        notes.append(f"{mode}: {len(log['iters'])} log lines, last iter {last}")
     path = os.path.join(out, "records.jsonl")
     if os.path.exists(path):
         records += bench_records([l for l in open(path) if l.strip()])
     if train_dir:
         f = os.path.join(train_dir, "model.safetensors")
         exported = os.path.exists(f) and os.path.isdir(os.path.join(train_dir, "diffusers"))
-        notes.append(f"export: {'model.safetensors %.2f GB and diffusers/ written' % (os.path.getsize(f) / 1e9) if exported else 'missing'}")
+        notes.append(f"export: model.safetensors {os.path.getsize(f) / 1e9:.2f} GB and diffusers/ written" if exported
+                     else "export: missing")
     return records, notes
 
 
@@ -112,8 +115,8 @@ def verdicts(records, t):
 
 def markdown(records, notes, verdict_lines):
     cell = lambda v, fmt: "-" if v is None else format(v, fmt)
-    rows = ["| mode | device | torch | img/s | ms/step | MFU % | peak GiB | compile / first step s | ratio vs diffusers "
-            "| command | git |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| mode | device | torch | img/s | ms/step | MFU % | peak GiB | compile / first step s "
+            "| ratio vs diffusers | command | git |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         rows.append(f"| {r['mode']} | {r['device']} | {r['torch']} | {cell(r['img_s'], '.2f')} | "
                     f"{cell(r['ms_step'], '.1f')} | {cell(r['mfu'], '.1f')} | {cell(r['peak_gib'], '.1f')} | "
