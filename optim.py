@@ -104,8 +104,9 @@ class FlatAdamW8bit(torch.optim.Optimizer):
     def grad_norm(self):
         """The global L2 norm of all grads, a 0-d fp32 tensor on the device (no host sync): the clip factor
         that step(gnorm_scale=...) applies is computed from it. Each flat buffer's norm is a norm of row norms in
-        fp32: one running sum over a whole buffer is 1.8e-2 low at 158M elements on CPU. The zero padding adds
-        nothing. Under FSDP the buffers hold this process's shards, so the squares are summed over processes."""
+        fp32: one running sum over a whole buffer is 1.8e-2 low at 158M elements on CPU (docs/performance.md §5).
+        The zero padding adds nothing. Under FSDP the buffers hold this process's shards, so the squares are
+        summed over processes."""
         sq = torch.zeros((), device=self.qmap1.device)
         for buf in self.buffers:
             self._check(buf)
