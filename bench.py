@@ -13,26 +13,35 @@ On the full UNet at 1024^2 on a GPU, a `target:` line says whether each target (
     python bench.py --init_from=random --resolution=1024 --batch_size=4 --compare=diffusers
     # the 24 GB mode: pure bf16 weights + per-block gradient checkpointing, batch 1
     python bench.py --init_from=random --resolution=1024 --batch_size=1 --precision=bf16 --grad_ckpt=True
+    # + one JSON line per side appended to a file, named for tests/gpu/collect.py (tests/gpu/run.sh does this)
+    python bench.py ... --record=out/records.jsonl --record_as='("default_compiled", "diffusers_compiled")'
 
-Timing: CUDA events on a GPU (no host sync inside the timed steps: t, noise and the loss weight are made on
-the device), wall clock on CPU; the first step (which compiles) is timed apart from the steady state, then
-`warmup` untimed steps, then `rounds` windows of `iters` steps; medians over all timed steps are reported. On
-CPU both models stay in memory and the windows alternate (ours, theirs, theirs, ours, ...) so drift and
-noisy neighbours hit both, and torch runs one thread (--threads): two OpenMP threads on two shared, busy cores
-stall at every barrier and swing step times tenfold. On a GPU two SDXL trainers (weights, grads, optimizer
-state) do not fit at once, so they run one after the other; diffusers compiles second and reuses the Inductor
-kernels the two graphs share, so its first-step time is the lower bound of a cold compile.
+Timing: CUDA events on a GPU (one host sync per step, as train.py's: the skip test and the clip factor that
+AdamW8bit's kernels apply, fetched together; t, noise and the loss weight are made on the device), wall clock
+on CPU; the first step (which compiles) is timed apart from the steady state, then `warmup` untimed steps, then
+`rounds` windows of `iters` steps; medians over all timed steps are reported. On CPU both models stay in
+memory and the windows alternate (ours, theirs, theirs, ours, ...) so drift and noisy neighbours hit both, and
+torch runs one thread (--threads): two OpenMP threads on two shared, busy cores stall at every barrier and
+swing step times tenfold. On a GPU two SDXL trainers (weights, grads, optimizer state) do not fit at once, so
+they run one after the other; diffusers compiles second and reuses the Inductor kernels the two graphs share,
+so its first-step time is the lower bound of a cold compile.
 FLOPs: counted once with torch.utils.flop_counter.FlopCounterMode on the meta device at the real shape,
 forward + backward, without checkpointing (model FLOPs; recomputation is not credited). MFU is against the
 dense bf16 peak of the device (table below, or --peak_tflops).
 """
+import atexit
 import dataclasses
 import gc
+import json
 import math
 import os
 import re
 import platform
+import shlex
+import signal
 import statistics
+import subprocess
+import sys
 import time
 from contextlib import nullcontext
 
@@ -88,6 +97,8 @@ iters = 10 if torch.cuda.is_available() else 1  # timed steps per window (CPU: w
 rounds = 3 if torch.cuda.is_available() else 30  # timing windows per model
 threads = 1  # torch threads on CPU, 0 = default (2 OpenMP threads on 2 busy shared cores stall at each barrier)
 profile = False  # write a torch.profiler chrome trace of a few steps per model to out_dir
+record = ""  # append one JSON line per measured side to this file (tests/gpu/collect.py turns them into results)
+record_as = ("", "")  # mode names of (ours, diffusers) in those lines; '' = ours / diffusers
 # -----------------------------------------------------------------------------
 # the targets (docs/performance.md §3), judged on the full SDXL UNet at 1024^2 on one CUDA GPU (printed as met/missed there)
 TARGET_IMGS_PER_S = 20.0  # default mode (fp32 master + bf16, compiled), batch 4: >= 41% MFU on an H100
@@ -121,6 +132,8 @@ configurator.check(config, choices={
     "resolution": 32, "batch_size": 1, "width": 0, "warmup": 0, "iters": 1, "rounds": 1, "threads": 0,
     "peak_tflops": 0, "lr": 0, "weight_decay": 0, "adam_eps": 0, "grad_clip": 0, "gamma": 0}, within={
     "beta1": (0, 1), "beta2": (0, 1), "beta_start": (0, 1), "beta_end": (beta_start, 1), "k": (-math.inf, math.inf)})
+if len(record_as) != 2 or not all(isinstance(x, str) for x in record_as):
+    raise configurator.UserError(f"config error: --record_as={record_as!r} must be two names, (ours, diffusers)")
 if resolution % 32 or (width and width % 32):  # latents are 1/8, halved twice by the UNet; GroupNorm's 32 groups
     raise configurator.UserError(f"config error: --resolution ({resolution}) and --width ({width}) must be multiples of 32")
 if not re.fullmatch(r"cpu|cuda(:\d+)?", device) or (device != "cpu" and int(device[5:] or 0) >= torch.cuda.device_count()):
@@ -280,11 +293,16 @@ def step(side, marks):
     marks.append(clock())
     loss.backward()
     marks.append(clock())
-    if grad_clip > 0:
+    opt, max_norm = side["opt"], grad_clip if grad_clip > 0 else math.inf
+    if optimizer == "adamw8bit":  # as train.py: the factor goes to the update kernels, fetched with the skip test
+        gnorm = opt.grad_norm()
+        ok = torch.isfinite(gnorm) & torch.isfinite(loss)  # (a bench step never skips; the transfer is the cost)
+        ok, coef = torch.stack([ok.float(), (max_norm / (gnorm + 1e-6)).clamp(max=1.0)]).tolist()
+    elif grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(side["net"].parameters(), grad_clip)  # foreach, no host sync
     marks.append(clock())
-    side["opt"].step()
-    side["opt"].zero_grad(set_to_none=True)
+    opt.step(gnorm_scale=coef) if optimizer == "adamw8bit" else opt.step()
+    opt.zero_grad(set_to_none=True)
     marks.append(clock())
 
 
@@ -317,7 +335,9 @@ def count_flops(net, call):
 def report(side):
     f, bw, c, o, tot = (statistics.median(col) for col in zip(*side["times"]))
     ips = batch_size / (tot / 1e3)
-    mfu = f"{100 * side['flops'] * ips / (peak * 1e12):.1f}%" if peak else "-"
+    side["mfu"] = 100 * side["flops"] * ips / (peak * 1e12) if peak else None
+    mfu = f"{side['mfu']:.1f}%" if peak else "-"
+    side["phases"] = [round(x, 2) for x in (f, bw, c, o, tot)]
     side["mem"] = torch.cuda.max_memory_allocated(device) / 2**30 if device_type == "cuda" else 0.0
     mem = f"{side['mem']:.1f} GiB" if device_type == "cuda" else "-"
     n = len(list(side["net"].parameters()))
@@ -325,6 +345,36 @@ def report(side):
           f"opt {o:.1f} ms over {n} tensors), {side['flops'] / 1e12:.4g} TFLOP/img, mfu {mfu}, peak mem {mem}, "
           f"first step {side['first_s']:.1f} s, batch {batch_size} @ {resolution}px, {len(side['times'])} steps")
     return ips
+
+
+def git_sha():
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                                       stderr=subprocess.DEVNULL, text=True).strip()
+    except Exception:
+        return "unknown"
+
+
+def write_records():
+    """One JSON line per measured side, appended to --record. Run at exit, also when a time limit stops the bench
+    (SIGTERM) while the second side compiles, so a cut comparison keeps the side it measured."""
+    done = [s for s in sides if "ips" in s]
+    if not record or not done:
+        return
+    ratio = done[0]["ips"] / done[1]["ips"] if len(done) == 2 else None
+    command = "python bench.py " + shlex.join(sys.argv[1:])
+    with open(record, "a") as f:
+        for s, name in zip(done, record_as):
+            line = {"mode": name or s["name"], "side": s["name"], "device": dev_name, "device_type": device_type,
+                    "torch": torch.__version__, "img_s": s["ips"], "ms_step": s["phases"][-1],
+                    "ms_fwd_bwd_clip_opt": s["phases"][:4], "mfu": s["mfu"],
+                    "peak_gib": s["mem"] if device_type == "cuda" else None, "compile_s": s["first_s"],
+                    "compiled": s["compiled"], "compile_mode": compile_mode, "sdpa": sdpa, "precision": precision,
+                    "grad_ckpt": grad_ckpt, "batch_size": batch_size, "resolution": resolution,
+                    "params": sum(p.numel() for p in s["net"].parameters()), "command": command, "git_sha": SHA}
+            if s["name"] == "ours" and ratio is not None:
+                line["ratio_vs_diffusers"] = ratio
+            f.write(json.dumps(line) + "\n")
 
 
 def trace(side):
@@ -366,6 +416,9 @@ batch = {k: v.to(wdtype if k != "time_ids" else torch.float32) for k, v in batch
 if channels_last:
     batch["x0"] = batch["x0"].contiguous(memory_format=torch.channels_last)
 sides = [make_side(*n) for n in nets]
+SHA = git_sha()  # now: at exit, __file__ is no longer defined here
+atexit.register(write_records)
+signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # a time limit: exit through atexit
 
 for s in sides:
     s["flops"] = count_flops(s["net"], s["call"]) / batch_size

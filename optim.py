@@ -24,6 +24,7 @@ def stochastic_round_bf16(x, generator=None):
 
 BNB_BLOCK = 256  # bitsandbytes' blockwise 8-bit state: one absmax per 256 consecutive elements
 BNB_MIN_8BIT = 4096  # bitsandbytes' min_8bit_size: smaller tensors keep 32-bit state
+NORM_ROW = 1 << 16  # grad_norm sums each flat buffer in rows of this many elements, then the row norms
 
 
 class FlatAdamW8bit(torch.optim.Optimizer):
@@ -99,7 +100,25 @@ class FlatAdamW8bit(torch.optim.Optimizer):
                 _local(g).copy_(_local(p.grad) if p.grad is not None else 0)
                 p.grad = g
 
-    def _update(self, buf, group, p, g, lo, hi):
+    @torch.no_grad()
+    def grad_norm(self):
+        """The global L2 norm of all grads, a 0-d fp32 tensor on the device (no host sync): the clip factor
+        that step(gnorm_scale=...) applies is computed from it. Each flat buffer's norm is a norm of row norms in
+        fp32: one running sum over a whole buffer is 1.8e-2 low at 158M elements on CPU (docs/performance.md §5).
+        The zero padding adds nothing. Under FSDP the buffers hold this process's shards, so the squares are
+        summed over processes."""
+        sq = torch.zeros((), device=self.qmap1.device)
+        for buf in self.buffers:
+            self._check(buf)
+            g = buf["g"]
+            m = g.numel() // NORM_ROW * NORM_ROW
+            rows = torch.linalg.vector_norm(g[:m].view(-1, NORM_ROW), dim=1, dtype=torch.float32)
+            sq = sq + rows.square().sum() + torch.linalg.vector_norm(g[m:], dtype=torch.float32).square()
+        if any(buf["sharded"] for buf in self.buffers):
+            torch.distributed.all_reduce(sq)
+        return sq.sqrt()
+
+    def _update(self, buf, group, p, g, lo, hi, gnorm_scale):
         """One bitsandbytes kernel call over elements [lo, hi) of a buffer (p, g: those elements)."""
         beta1, beta2 = group["betas"]
         s1, s2 = buf["state1"][lo:hi], buf["state2"][lo:hi]
@@ -107,13 +126,16 @@ class FlatAdamW8bit(torch.optim.Optimizer):
             a, b = lo // BNB_BLOCK, hi // BNB_BLOCK
             self.bnbF.optimizer_update_8bit_blockwise(
                 "adam", g, p, s1, s2, beta1, beta2, 0.0, 0.0, group["eps"], self.n_steps, group["lr"], self.qmap1,
-                self.qmap2, buf["absmax1"][a:b], buf["absmax2"][a:b], group["weight_decay"], gnorm_scale=1.0)
+                self.qmap2, buf["absmax1"][a:b], buf["absmax2"][a:b], group["weight_decay"], gnorm_scale=gnorm_scale)
         else:
             self.bnbF.optimizer_update_32bit("adam", g, p, s1, beta1, group["eps"], self.n_steps, group["lr"], s2,
-                                            beta2, 0.0, 0.0, group["weight_decay"], 1.0)
+                                            beta2, 0.0, 0.0, group["weight_decay"], gnorm_scale)
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, gnorm_scale=1.0):
+        """gnorm_scale: a factor the update kernels apply to every grad as they read it (the grad-clip factor,
+        from grad_norm()), which spares clip_grad_norm_'s pass over the grads. A Python float: bitsandbytes' op
+        takes a float, and a device tensor would cost a host sync of its own."""
         assert closure is None, "no closure"
         self.n_steps += 1
         for buf in self.buffers:
@@ -127,10 +149,10 @@ class FlatAdamW8bit(torch.optim.Optimizer):
             for lo in range(0, p.numel(), chunk):
                 hi = min(p.numel(), lo + chunk)
                 if p.dtype != torch.bfloat16:
-                    self._update(buf, group, p[lo:hi], g[lo:hi], lo, hi)
+                    self._update(buf, group, p[lo:hi], g[lo:hi], lo, hi, gnorm_scale)
                     continue
                 q = p[lo:hi].float()
-                self._update(buf, group, q, g[lo:hi].float(), lo, hi)
+                self._update(buf, group, q, g[lo:hi].float(), lo, hi, gnorm_scale)
                 p[lo:hi] = stochastic_round_bf16(q, self.sr_gen)
             if buf["sharded"]:
                 torch._foreach_copy_([q.to_local() for q in buf["params"]], buf["views"])

@@ -105,6 +105,7 @@ dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # compute dtype 
 precision = "amp"  # amp: fp32 master weights + autocast; bf16: pure bf16 weights, updates kept by stochastic rounding (adamw8bit)
 compile = torch.cuda.is_available()  # torch.compile the UNet (the uncompiled module is what gets saved)
 compile_warm = True  # compile every training bucket before step 1 (cost printed); False: at each bucket's first batch
+compile_mode = "default"  # torch.compile mode: default | max-autotune-no-cudagraphs | reduce-overhead | max-autotune
 grad_ckpt = False  # per-block gradient checkpointing (+31% FLOPs; for small-memory cards)
 seed = 1337  # seeds the data order, caption dropout, t and noise (the same on every process)
 peak_tflops = 0.0  # device peak for MFU; 0 = look up the device table
@@ -352,7 +353,7 @@ if compile:
     graphs = (len(train_buckets) + 2) * (len(sharding.blocks(unet)) if sharded else 1)
     torch._dynamo.config.recompile_limit = max(8, graphs)
     torch._dynamo.config.accumulated_recompile_limit = max(256, 2 * graphs)
-compile_kwargs = dict(fullgraph=True, backend=debug_compile_backend) if compile else None
+compile_kwargs = dict(fullgraph=True, backend=debug_compile_backend, mode=compile_mode) if compile else None
 if sharded:  # blocks gathered in the compute dtype under amp (halves the all-gathers), grads reduced in fp32
     sharding.shard(unet, ptdtype if precision == "amp" and ptdtype != torch.float32 else None, compile_kwargs)
 opt = optim.configure_optimizer(unet.parameters(), optimizer, lr, get_betas(0), adam_eps, weight_decay,
@@ -677,17 +678,21 @@ while iter_num < max_iters:
             flops_per_image[hw] = perf.unet_flops(sdxl.cfg.unet, *hw)
         log["flops"] += b * world * flops_per_image[hw]
 
-    # a non-finite loss or gradient skips the step: weights and optimizer state untouched
-    gnorm = sharding.full(torch.nn.utils.clip_grad_norm_(unet.parameters(), grad_clip if grad_clip > 0 else math.inf))
+    # a non-finite loss or gradient skips the step: weights and optimizer state untouched. AdamW8bit applies the
+    # clip factor as its kernels read the grads (no pass over them to scale); the others clip in place
+    flat, max_norm = optimizer == "adamw8bit", grad_clip if grad_clip > 0 else math.inf
+    gnorm = opt.grad_norm() if flat else sharding.full(torch.nn.utils.clip_grad_norm_(unet.parameters(), max_norm))
+    coef = (max_norm / (gnorm + 1e-6)).clamp(max=1.0) if flat else torch.ones_like(gnorm)  # as clip_grad_norm_
     ok = torch.isfinite(gnorm) & torch.isfinite(loss_sum)
     if distributed:  # every process takes the same decision
         ok = ok.float()
         torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
         ok = ok.bool()
-    # the one host sync of the step: bitsandbytes has no on-device skip, and a skipped step must not
-    # touch the optimizer state (its moments and step count)
-    if bool(ok):
-        opt.step()
+    # the one host sync of the step, the skip decision and the clip factor in one transfer: bitsandbytes has no
+    # on-device skip and takes the factor as a float, and a skipped step must not touch the optimizer state
+    ok, coef = torch.stack([ok.float(), coef.float()]).tolist()
+    if ok:
+        opt.step(gnorm_scale=coef) if flat else opt.step()
         consecutive, steps_ok = 0, steps_ok + 1
         if ema and (iter_num + 1 - skipped) % ema_interval == 0:  # every ema_interval successful steps
             ema.update()

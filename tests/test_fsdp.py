@@ -87,10 +87,48 @@ def test_adamw_resumes_on_another_process_count(tiny):
     assert update_diff(start, unet_of(d / "straight4" / "model.safetensors"), unet_of(d / "fsdp2" / "model.safetensors")) < 1e-4
 
 
+GNORM = """
+import torch, torch.distributed as dist
+import model, optim, sharding
+dist.init_process_group("gloo")
+unet = model.init_random_(model.UNet(model.SDXLConfig.tiny().unet), seed=0)
+sharding.shard(unet)
+opt = optim.configure_optimizer(unet.parameters(), "adamw8bit")
+g, c = torch.Generator().manual_seed(dist.get_rank()), unet.cfg
+x, ctx, y = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, c.context_dim, generator=g), torch.randn(2, c.adm_in_channels, generator=g)
+unet(x, torch.tensor([10, 900]), ctx, y).square().mean().backward()
+ours = opt.grad_norm().item()
+ref = torch.nn.utils.get_total_norm([p.grad for p in unet.parameters()]).full_tensor().item()
+exact = sum(p.grad.full_tensor().double().square().sum() for p in unet.parameters()).sqrt().item()
+local = sum(sharding.local(p.grad).double().square().sum() for p in unet.parameters()).sqrt().item()
+print("norms", ours, ref, exact, local)
+dist.destroy_process_group()
+"""
+
+
+def test_grad_norm_sums_the_shards(tmp_path):
+    # under FSDP the flat buffers hold each rank's shards: grad_norm sums the squares across ranks, and must give
+    # the whole grads' norm that torch's DTensor norm (what clip_grad_norm_ uses) gives
+    (tmp_path / "gnorm.py").write_text(GNORM)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(tmp_path / "gnorm.py")], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, PYTHONPATH=ROOT))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = [[float(v) for v in line.split()[1:]] for line in r.stdout.splitlines() if line.startswith("norms")]
+    assert len(rows) == 2 and rows[0][:3] == rows[1][:3], rows  # the same on both ranks
+    ours, ref, exact, local = rows[0]
+    assert abs(ours / exact - 1) < 1e-6 and abs(ours / ref - 1) < 2e-6, rows
+    assert 0 < local < 0.99 * exact and 0 < rows[1][3] < 0.99 * exact, rows  # each rank held a real part
+
+
 def test_adamw8bit_on_shards_resumes_bit_exactly(tiny):
     d, common = tiny
     args = [*common, *SHARDED, "--optimizer=adamw8bit", "--ema_decay=0.8"]
-    run(f"--out_dir={d}/q_straight", *args, "--max_iters=4", procs=2)
+    r = run(f"--out_dir={d}/q_straight", *args, "--max_iters=4", procs=2)
+    # the grad norm of step 1 (the start weights' grads) as one process at the same global batch prints it
+    one = run(f"--out_dir={d}/q_one", *common, "--optimizer=adamw8bit", "--max_iters=1")
+    gnorm = lambda out: next(line.split("gnorm ")[1].split(",")[0] for line in out.splitlines() if line.startswith("iter 1:"))
+    assert gnorm(r.stdout) == gnorm(one.stdout), (gnorm(r.stdout), gnorm(one.stdout))
     run(f"--out_dir={d}/q_split", *args, "--max_iters=2", procs=2)
     shards = [(d / "q_split" / "ckpt" / f"__{r}_0.distcp").stat().st_size for r in range(2)]
     r = run(f"--out_dir={d}/q_split", *args, "--max_iters=4", "--init_from=resume", procs=2)

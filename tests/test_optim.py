@@ -187,3 +187,46 @@ def test_compiled_training_steps_on_flat_views_match_eager():
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
     assert not all(torch.equal(a, b) for a, b in zip(sides[0].parameters(),
                                                       model.init_random_(model.UNet(cfg), seed=0).parameters()))
+
+
+def test_gnorm_scale_is_scaling_the_grads_exactly():
+    # the clip factor applied by the kernels (step(gnorm_scale=c)) against clip_grad_norm_'s way (grads times c,
+    # then step()); c as train.py gets it, an fp32 value through .tolist(). fp32 weights: the kernels scale in fp32
+    c = torch.tensor(0.3141592653589793).item()
+    sides = []
+    for how in ("kernel", "grads", "none"):
+        ps = make_params()
+        opt = optim.configure_optimizer(ps, "adamw8bit", lr=1e-2, weight_decay=0.1)
+        g = torch.Generator().manual_seed(4)
+        for _ in range(3):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g) * (c if how == "grads" else 1.0)
+            opt.step(gnorm_scale=c) if how == "kernel" else opt.step()
+        sides.append(ps)
+    kernel, grads, unscaled = sides
+    for a, b, u in zip(kernel, grads, unscaled):
+        assert torch.equal(a.detach(), b.detach()), a.shape
+    assert len({p.numel() >= optim.BNB_MIN_8BIT for p in kernel}) == 2  # both kernels (8-bit and 32-bit state)
+    assert all(not torch.equal(a.detach(), u.detach()) for a, u in zip(kernel, unscaled))  # the factor did act
+
+
+def test_grad_norm_is_the_global_norm():
+    # buffers with padding (no shape here is a multiple of 256) and more than one NORM_ROW; autograd's grads,
+    # then one grad replaced by assignment (grad_norm must see the new values, as step() would)
+    ps = make_params() + [torch.nn.Parameter(torch.randn(3 * optim.NORM_ROW + 5, generator=torch.Generator().manual_seed(5)))]
+    opt = optim.configure_optimizer(ps, "adamw8bit")
+    assert any(buf["g"].numel() > optim.NORM_ROW for buf in opt.buffers)
+    assert all(sum(p.numel() for p in buf["params"]) < buf["g"].numel() for buf in opt.buffers)
+    sum(((i + 1) * p.float()).square().sum() for i, p in enumerate(ps)).backward()
+    for replaced in (False, True):
+        if replaced:
+            ps[1].grad = torch.full_like(ps[1], 7.0)
+        ours = opt.grad_norm()
+        ref = torch.nn.utils.get_total_norm([p.grad for p in ps])
+        exact = sum(p.grad.double().square().sum() for p in ps).sqrt()
+        assert ours.dtype == torch.float32 and ours.dim() == 0
+        # within 1e-6 of the exact norm; torch's own fp32 sum is ~1e-6 off it too, so 2e-6 between the two
+        assert abs(ours.item() / exact.item() - 1) < 1e-6 and abs(ours.item() / ref.item() - 1) < 2e-6, (ours, ref, exact)
+    assert any(ps[1].grad is g for b in opt.buffers for g in b["grads"])  # the assigned grad was taken in
+    opt.zero_grad()
+    assert opt.grad_norm().item() == 0
