@@ -193,6 +193,40 @@ def _local(t):
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def _whole(t):  # a norm of a sharded tensor is a partial sum on each process until it is reduced
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+class Adafactor(torch.optim.Adafactor):
+    """torch.optim.Adafactor (Shazeer & Stern 2018, arXiv 1804.04235; torch's defaults, state and numbers), with
+    its reductions written out of place so that FSDP's sharded DTensors can be stepped too: torch's own squares a
+    norm over the sharded dim, still a partial sum on each process, in place, which DTensor refuses."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        assert closure is None, "no closure"
+        for group in self.param_groups:
+            params, grads, rows, cols, variances, steps = [], [], [], [], [], []
+            self._init_group(group, params, grads, rows, cols, variances, steps)
+            lr, (eps1, eps2), d, decay = group["lr"], group["eps"], group["d"], group["weight_decay"]
+            for p, g, row, col, var, step in zip(params, grads, rows, cols, variances, steps):
+                e1 = torch.finfo(p.dtype).eps if eps1 is None else eps1
+                step += 1
+                t = step.item()
+                beta = t ** group["beta2_decay"]  # 1 - beta2_t
+                alpha = max(eps2, _whole(p.norm(2)).item() / p.numel() ** 0.5) * min(lr, t ** -0.5)  # relative step
+                if decay:
+                    p.mul_(1 - lr * decay)
+                if g.dim() > 1:  # the second moment factored into row and column means of g^2
+                    row.lerp_(torch.norm(g, dim=-1, keepdim=True).square().div(g.size(-1)), beta)
+                    col.lerp_(torch.norm(g, dim=-2, keepdim=True).square().div(g.size(-2)), beta)
+                    v = (row @ col).div(row.mean(dim=-2, keepdim=True).clamp(min=e1))
+                else:
+                    v = var.lerp_(g * g, beta).clone()
+                update = v.clamp(min=e1 * e1).rsqrt().mul(g)
+                p.add_(update, alpha=-alpha / max(1.0, _whole(update.norm(2)).item() / (update.numel() ** 0.5 * d)))
+
+
 OPTIMIZERS = ("adamw8bit", "adamw", "adafactor")
 
 
@@ -201,7 +235,7 @@ def configure_optimizer(params, name="adamw8bit", lr=1e-5, betas=(0.9, 0.95), ep
     """Decoupled weight decay on >= 2-D tensors (matmul/conv weights) only, as nanoGPT.
     adamw8bit: bitsandbytes' 8-bit AdamW on flat buffers (FlatAdamW8bit: parameters and grads become views,
     so build it after the model's last .to()), stochastic rounding for bf16 weights;
-    adamw: torch (fused on CUDA); adafactor: torch.optim.Adafactor (no betas)."""
+    adamw: torch (fused on CUDA); adafactor: torch's Adafactor, also on FSDP shards (no betas)."""
     params = [p for p in params if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -210,7 +244,7 @@ def configure_optimizer(params, name="adamw8bit", lr=1e-5, betas=(0.9, 0.95), ep
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
     if name == "adafactor":
-        return torch.optim.Adafactor(groups, lr=lr)
+        return Adafactor(groups, lr=lr)
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
 
 

@@ -153,9 +153,6 @@ if not dataset_dir or not (os.path.isdir(dataset_dir) or make_synthetic):
                                         f"captions, or with a metadata.jsonl)")
 if sample_interval and not sample_prompts:
     raise configurator.UserError("config error: sample_interval needs at least one of sample_prompts")
-if parallel == "fsdp" and optimizer == "adafactor":  # it squares a sharded (partial) norm in place
-    raise configurator.UserError("config error: torch.optim.Adafactor cannot step FSDP's sharded parameters "
-                                 "(torch 2.13); use --optimizer=adamw8bit or adamw with --parallel=fsdp")
 if parallel == "fsdp" and "RANK" not in os.environ:
     raise configurator.UserError("config error: --parallel=fsdp shards across processes: launch with torchrun "
                                  "(--nproc_per_node=1 works too)")
@@ -238,7 +235,7 @@ if resume:
                                      f"{ckpt['config']['optimizer']} state; resume with --optimizer={ckpt['config']['optimizer']}")
     if sharded and optimizer == "adamw8bit" and ckpt["world"] != world:
         raise configurator.UserError(f"{ckpt_path} holds adamw8bit state for {ckpt['world']} processes, one buffer "
-                                     f"each: resume with {ckpt['world']} (adamw state reshards to any count)")
+                                     f"each: resume with {ckpt['world']} (adamw and adafactor state reshard to any count)")
     if iter_num >= max_iters:
         raise configurator.UserError(f"{ckpt_path} is at iter {iter_num} already: pass --max_iters above {iter_num} "
                                      f"to train further")
