@@ -89,7 +89,7 @@ def saved_activations(unet, batch, h, w, cast=None, device="meta"):
     or any autocast context), recording what autograd saves for backward: {storage: (bytes, block)} (block: index
     into sharding.blocks(unet), -1 outside them), the (storage, bytes) of each block's input, and {storage: bytes}
     of a MetaAutocast's weight copies. Parameters are excluded."""
-    cfg, dtype = unet.cfg, next(unet.parameters()).dtype
+    cfg = unet.cfg
     params = {storage(p)[0] for p in unet.parameters()}
     saved, inputs, where = {}, [], [-1]
 
