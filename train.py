@@ -69,8 +69,8 @@ caption_dropout = 0.1  # fraction of samples trained unconditionally (zeroed con
 eval_items = 4  # images held out for the per-t-bin eval (taken from the dataset, never trained on)
 cache_dtype = "fp32"  # fp32 | bf16 | fp16: the cached latents and text embeddings (bf16/fp16 halve the disk)
 # the recipe
-batch_size = 4  # per-process micro-batch; global batch = batch_size * grad_accum * world_size
-grad_accum = 1  # micro-steps per optimizer step (total across processes, divided by world size)
+batch_size = 4  # per-process micro-batch; global batch = batch_size * grad_accum (or * processes when grad_accum is 1)
+grad_accum = 1  # micro-steps per optimizer step, over all processes (each does grad_accum / processes); 1 = one each
 max_iters = 1000  # optimizer steps
 prediction = "v"  # v | eps (eps pretrains an epsilon model with the same loop)
 beta_start = 0.00085  # scaled-linear betas start
@@ -134,15 +134,15 @@ configurator.check(config, choices={
     "dtype": ("float32", "bfloat16", "float16"), "crop": ("center", "random"), "export_dtype": ("fp16", "bf16", "fp32"),
     "lr_schedule": ("constant", "cosine"), "parallel": ("ddp", "fsdp"), "cache_dtype": ("fp32", "bf16", "fp16"),
     "ema_device": ("cpu", "cuda")}, at_least={
-    "batch_size": 1, "grad_accum": world, "max_iters": 1, "log_interval": 1, "ckpt_interval": 0, "eval_interval": 0,
+    "batch_size": 1, "grad_accum": 1, "max_iters": 1, "log_interval": 1, "ckpt_interval": 0, "eval_interval": 0,
     "eval_items": 1 if eval_interval else 0, "sample_interval": 0, "warmup_iters": 0, "ramp_iters": 0, "max_skips": 1,
     "make_synthetic": 0, "min_pixels": 0, "lr": 0, "min_lr": 0, "weight_decay": 0, "adam_eps": 0, "grad_clip": 0,
     "gamma": 0, "peak_tflops": 0, "bucket_step": 8, "resolution": bucket_step}, within={
     "caption_dropout": (0, 1), "beta1": (0, 1), "beta2": (0, 1), "beta1_final": (0, 1), "beta2_final": (0, 1),
     "beta_start": (0, 1), "beta_end": (beta_start, 1), "k": (-math.inf, math.inf), "sample_steps": (1, 1000),
     "guidance": (-math.inf, math.inf), "cfg_phi": (0, 1), "ema_decay": (0, 1 - 1e-12), "ema_interval": (1, math.inf)})
-if grad_accum % world:
-    raise configurator.UserError(f"config error: --grad_accum={grad_accum} must divide by the {world} processes")
+if grad_accum % world and grad_accum != 1:
+    raise configurator.UserError(f"config error: --grad_accum={grad_accum} must divide by the {world} processes (or be 1)")
 if bucket_step % 8:
     raise configurator.UserError(f"config error: --bucket_step={bucket_step} must divide by 8 (the VAE's downsampling)")
 if not re.fullmatch(r"cpu|cuda(:\d+)?", device) or (device != "cpu" and int(device[5:] or 0) >= torch.cuda.device_count()):
@@ -183,7 +183,7 @@ if distributed:
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
     master_process = rank == 0
-    grad_accum //= world
+    grad_accum = max(1, grad_accum // world)
     # ranks also wait for each other while one makes the demo's data or encodes its share of the cache, which
     # can take hours: those waits use a CPU group of their own with a long timeout, not the training group's
     # minutes (the hang-up of diffusers issue #7960)

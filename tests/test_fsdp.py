@@ -40,8 +40,8 @@ def tiny(tmp_path_factory):
     return d, common
 
 
-# one process at batch 4 = 2 processes x micro-batch 2 (grad_accum 2 in all, 1 per process)
-SHARDED = ["--parallel=fsdp", "--batch_size=2", "--grad_accum=2"]
+# one process at batch 4 = 2 processes x micro-batch 2 (grad_accum 1: one micro-step on each)
+SHARDED = ["--parallel=fsdp", "--batch_size=2"]
 # Adam's eps at 1e-3 keeps float noise in gradients that should be 0 (a tiny UNet's 1-channel GroupNorm groups)
 # from becoming +-lr steps, so the comparison sees the sharding and not that noise
 ADAMW = ["--optimizer=adamw", "--adam_eps=1e-3"]
