@@ -128,7 +128,8 @@ config = configurator.configure(globals())
 configurator.check(config, choices={
     "prediction": ("v", "eps"), "weighting": schedule.WEIGHTINGS, "optimizer": optim.OPTIMIZERS,
     "precision": ("amp", "bf16"), "dtype": ("float32", "bfloat16", "float16"), "model_size": ("auto", "tiny", "full"),
-    "compare": ("", "diffusers"), "sdpa": ("", "flash", "cudnn", "efficient", "math")}, at_least={
+    "compare": ("", "diffusers"), "sdpa": ("", "flash", "cudnn", "efficient", "math"),
+    "compile_mode": tuple(torch._inductor.list_mode_options())}, at_least={
     "resolution": 32, "batch_size": 1, "width": 0, "warmup": 0, "iters": 1, "rounds": 1, "threads": 0,
     "peak_tflops": 0, "lr": 0, "weight_decay": 0, "adam_eps": 0, "grad_clip": 0, "gamma": 0}, within={
     "beta1": (0, 1), "beta2": (0, 1), "beta_start": (0, 1), "beta_end": (beta_start, 1), "k": (-math.inf, math.inf)})

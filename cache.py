@@ -200,6 +200,15 @@ def _fingerprints(encoders, vae_fp, text_fp):
     return vae_fp, text_fp
 
 
+def check_dir(cache_dir, items):
+    """The cache folder, absolute; a UserError if it is one of the dataset's image folders (the cache never
+    writes among a user's images)."""
+    cache_dir = os.path.abspath(cache_dir)
+    if cache_dir in {os.path.dirname(it.path) for it in items}:
+        raise UserError(f"cache_dir {cache_dir} is an image folder of the dataset; keep the cache elsewhere")
+    return cache_dir
+
+
 def build_cache(items, encoders, tokenizer, cache_dir, device="cpu", batch_size=8, rank=0, world=1, vae_fp=None,
                 text_fp=None, verify=True, workers=8, group=None, dtype=torch.float32):
     """Make sure every item's VAE mean and text embedding is cached; return the Cache.
@@ -213,9 +222,7 @@ def build_cache(items, encoders, tokenizer, cache_dir, device="cpu", batch_size=
     group: the process group the ranks wait on each other in (one with a long timeout: a rank may encode for
     hours while the others wait). dtype: what the entries are stored as (fp32; bf16 or fp16 halve the disk).
     """
-    cache_dir = os.path.abspath(cache_dir)
-    if cache_dir in {os.path.dirname(it.path) for it in items}:
-        raise UserError(f"cache_dir {cache_dir} is an image folder of the dataset; keep the cache elsewhere")
+    cache_dir = check_dir(cache_dir, items)
     distributed = world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
     if not distributed:  # no process group: nobody else would do the other shares
         rank, world = 0, 1

@@ -40,13 +40,14 @@ class UserFileNotFound(UserError, FileNotFoundError):
 def check(cfg, choices=None, at_least=None, within=None):
     """One UserError naming every key whose value is not among its choices, below its minimum or outside its
     closed range (NaN and inf fail every numeric check), so a script can check its whole config up front."""
-    bad = [f"--{k}={cfg[k]!r} is not one of {' | '.join(map(str, ok))}" for k, ok in (choices or {}).items()
-           if cfg[k] not in ok]
+    bad = [f"--{k}={cfg[k]!r} is not one of {' | '.join(str(c) or repr(c) for c in ok)}"
+           for k, ok in (choices or {}).items() if cfg[k] not in ok]
     ranges = {**{k: (lo, math.inf) for k, lo in (at_least or {}).items()}, **(within or {})}
     for k, (lo, hi) in ranges.items():
         v = cfg[k]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
-            bad.append(f"--{k}={v!r} must be a finite number " + (f">= {lo}" if hi == math.inf else f"in [{lo}, {hi}]"))
+            bound = "" if lo == -math.inf and hi == math.inf else f" >= {lo}" if hi == math.inf else f" in [{lo}, {hi}]"
+            bad.append(f"--{k}={v!r} must be a finite number{bound}")
     if bad:
         raise UserError("config error: " + "; ".join(bad))
 
@@ -94,6 +95,8 @@ def _coerce(key, value, default):
     elif isinstance(default, float):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)  # --lr=1 is a float too
+        if str(value).lower() in ("nan", "inf", "-inf", "+inf"):
+            return float(value)  # a float all the same; the script's range checks say why it cannot be used
     elif isinstance(default, (tuple, list)):
         if isinstance(value, (tuple, list)):
             return type(default)(value)

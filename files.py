@@ -66,16 +66,27 @@ def write_json(path, obj, **kw):
     write_text(path, json.dumps(obj, **kw))
 
 
+def make_dir(folder, key):
+    """Create folder (and its parents) now, before any heavy work, so that a file in the way, a missing
+    permission or a read-only disk is one line naming the config key, not a traceback hours later."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(errno.EACCES, "Permission denied")
+    except OSError as e:
+        raise UserError(f"cannot write to {folder} (--{key}): {e.strerror}; pick another folder") from None
+
+
 def lock(folder):
     """Take folder/.lock, so that two runs never write the same folder; returns the open file, which holds the
     lock until this process ends. An flock, so the kernel releases it however the process ends (kill -9
     included): a dead run never holds it. Raises UserError naming the process that holds it."""
     import fcntl
+    make_dir(folder, "out_dir")
     try:
-        os.makedirs(folder, exist_ok=True)
         f = open(os.path.join(folder, ".lock"), "a+")
-    except OSError as e:  # a file in the way, no permission, a read-only disk
-        raise UserError(f"cannot write to {folder}: {e.strerror}; pick another folder") from None
+    except OSError as e:  # a read-only disk
+        raise UserError(f"cannot write to {folder} (--out_dir): {e.strerror}; pick another folder") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

@@ -333,6 +333,8 @@ def main():
         raise UserError(f"config error: --device={device!r}: this machine has {torch.cuda.device_count()} CUDA devices")
     if not seeds or not all(isinstance(s, int) for s in seeds):
         raise UserError(f"config error: --seeds={seeds!r} must be a non-empty list of integers")
+    if not panels:
+        raise UserError("config error: --panels is empty: give at least one (beta_end, zsnr, prediction) panel")
     if quant and dataset_dir and not os.path.isdir(dataset_dir):
         raise UserFileNotFound(f"--dataset_dir={dataset_dir!r} is not a folder")
     t_start = time.time()
@@ -341,6 +343,7 @@ def main():
     pds = panel_list(panels)
     check_sampling(pds)
     plist = read_prompts(prompts)
+    files.make_dir(os.path.dirname(os.path.abspath(out)), "out")  # now, not after the sampling
     path = checkpoint.fetch(ckpt)
     try:
         cfg = checkpoint.read_config(path)  # the header only: sizes are checked before the weights are read

@@ -15,6 +15,7 @@ Launch:
     python train.py --help                                           # every key, default and meaning
 """
 import datetime
+import importlib.util
 import json
 import math
 import os
@@ -133,14 +134,15 @@ configurator.check(config, choices={
     "prediction": ("v", "eps"), "weighting": schedule.WEIGHTINGS, "optimizer": optim.OPTIMIZERS, "precision": ("amp", "bf16"),
     "dtype": ("float32", "bfloat16", "float16"), "crop": ("center", "random"), "export_dtype": ("fp16", "bf16", "fp32"),
     "lr_schedule": ("constant", "cosine"), "parallel": ("ddp", "fsdp"), "cache_dtype": ("fp32", "bf16", "fp16"),
-    "ema_device": ("cpu", "cuda")}, at_least={
+    "ema_device": ("cpu", "cuda"), "compile_mode": tuple(torch._inductor.list_mode_options())}, at_least={
     "batch_size": 1, "grad_accum": 1, "max_iters": 1, "log_interval": 1, "ckpt_interval": 0, "eval_interval": 0,
     "eval_items": 1 if eval_interval else 0, "sample_interval": 0, "warmup_iters": 0, "ramp_iters": 0, "max_skips": 1,
     "make_synthetic": 0, "min_pixels": 0, "lr": 0, "min_lr": 0, "weight_decay": 0, "adam_eps": 0, "grad_clip": 0,
     "gamma": 0, "peak_tflops": 0, "bucket_step": 8, "resolution": bucket_step}, within={
     "caption_dropout": (0, 1), "beta1": (0, 1), "beta2": (0, 1), "beta1_final": (0, 1), "beta2_final": (0, 1),
     "beta_start": (0, 1), "beta_end": (beta_start, 1), "k": (-math.inf, math.inf), "sample_steps": (1, 1000),
-    "guidance": (-math.inf, math.inf), "cfg_phi": (0, 1), "ema_decay": (0, 1 - 1e-12), "ema_interval": (1, math.inf)})
+    "guidance": (-math.inf, math.inf), "cfg_phi": (0, 1), "ema_decay": (0, 1 - 1e-12), "ema_interval": (1, math.inf),
+    "seed": (0, 2**32 - 1)})
 if grad_accum % world and grad_accum != 1:
     raise configurator.UserError(f"config error: --grad_accum={grad_accum} must divide by the {world} processes (or be 1)")
 if bucket_step % 8:
@@ -151,6 +153,12 @@ if not re.fullmatch(r"cpu|cuda(:\d+)?", device) or (device != "cpu" and int(devi
 if not dataset_dir or not (os.path.isdir(dataset_dir) or make_synthetic):
     raise configurator.UserFileNotFound(f"--dataset_dir={dataset_dir!r} is not a folder (a folder of images with .txt "
                                         f"captions, or with a metadata.jsonl)")
+if make_synthetic and not (synthetic_sizes and all(isinstance(s, (tuple, list)) and len(s) == 2 and all(
+        isinstance(v, int) and v >= 8 for v in s) for s in synthetic_sizes)):
+    raise configurator.UserError(f"config error: --synthetic_sizes={synthetic_sizes!r} must be (h, w) pairs of "
+                                 f"ints >= 8, e.g. ((1024, 1024), (832, 1216))")
+if wandb_log and importlib.util.find_spec("wandb") is None:
+    raise configurator.UserError("config error: --wandb_log=True needs the wandb package (pip install wandb)")
 if sample_interval and not sample_prompts:
     raise configurator.UserError("config error: sample_interval needs at least one of sample_prompts")
 if parallel == "fsdp" and "RANK" not in os.environ:
@@ -260,6 +268,8 @@ if bucket_step % multiple:
     raise configurator.UserError(f"config error: --bucket_step={bucket_step} must be a multiple of {multiple} for "
                                  f"this model (VAE factor x UNet downsamplings)")
 run_lock = files.lock(out_dir) if master_process else None  # one run per out_dir, released when this process ends
+cache_dir = cache_dir or os.path.join(out_dir, "cache")
+files.make_dir(cache_dir, "cache_dir")
 if master_process:
     print(f"global batch {imgs_per_iter} = {batch_size} micro x {grad_accum} accum x {world} procs")
 
@@ -276,10 +286,14 @@ tok = clip_tokenizer.load_tokenizer(tokenizer)
 buckets = data.make_buckets(area=resolution * resolution, step=bucket_step)
 items = data.scan_dataset(dataset_dir, buckets=buckets, seed=seed, crop=crop, flip=flip,
                           min_pixels=min_pixels or min(h * w for h, w in buckets) // 4)
+if not items:
+    raise configurator.UserError(f"{dataset_dir}: no usable images (see the lines above); add .png, .jpg, .jpeg "
+                                 f"or .webp files")
 if len(items) <= eval_items:
     raise configurator.UserError(f"{dataset_dir}: {len(items)} usable images, but {eval_items} are held out for the "
                                  f"eval (eval_items): add images or lower --eval_items")
 eval_set, train_set = data.split_eval(items, eval_items, quiet=not master_process)
+encoder_cache.check_dir(cache_dir, items)  # before the model is loaded
 
 if base == "random":  # SDXL-shaped random weights, for benchmarks: same weights in every process
     with torch.device(device):  # built and randomised in place: 3.5B parameters are slow to fill on a CPU
@@ -302,7 +316,7 @@ if precision == "bf16":  # halves weight and grad memory; AdamW8bit then writes 
               "updates are lost (docs/maths.md §7); adamw8bit keeps them with stochastic rounding")
     unet.to(torch.bfloat16)
 
-cache = encoder_cache.build_cache(items, sdxl, tok, cache_dir or os.path.join(out_dir, "cache"), device=device,
+cache = encoder_cache.build_cache(items, sdxl, tok, cache_dir, device=device,
                                   rank=rank, world=world, group=slow_group, dtype=getattr(torch, {
                                       "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[cache_dtype]))
 loader = data.Loader(train_set, cache, batch_size=batch_size, rank=rank, world=world,

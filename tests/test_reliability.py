@@ -4,6 +4,7 @@ exit status 2 and no traceback, found before any heavy work where the config alo
 already has is changed; a run that did not train says so with a non-zero status and exports nothing.
 """
 import fcntl
+import importlib.util
 import os
 import resource
 import signal
@@ -70,7 +71,11 @@ def test_config_errors_are_one_line_before_any_work(tiny, tmp_path):
              "--device=cuda:7": "--device", "--grad_accum=0": "--grad_accum", "--log_interval=0": "--log_interval",
              "--eval_interval=5 --eval_items=0": "--eval_items", "--resolution=16": "--resolution",
              "--beta_end=0.0001": "--beta_end", "--max_iters=0": "--max_iters", "--lr=-1": "--lr",
-             "--bucket_step=12": "bucket_step", "--batchsize=2": "did you mean --batch_size"}
+             "--bucket_step=12": "bucket_step", "--batchsize=2": "did you mean --batch_size",
+             "--seed=-1": "--seed=-1", "--compile_mode=fast": "--compile_mode", "--lr=nan": "--lr=nan must be a finite",
+             "--synthetic_sizes=(1,2)": "--synthetic_sizes"}
+    if importlib.util.find_spec("wandb") is None:
+        cases["--wandb_log=True"] = "needs the wandb package"
     for args, needle in cases.items():
         r = run(*fresh, f"--out_dir={tmp_path}/out", *args.split())
         one_line(r, needle)
@@ -82,6 +87,14 @@ def test_config_errors_are_one_line_before_any_work(tiny, tmp_path):
     r = run(*common, f"--out_dir={tmp_path}/out2", "--bucket_step=48")
     one_line(r, "--bucket_step=48 must be a multiple of 32")
     assert not (tmp_path / "out2").exists()
+    # folders that cannot be written, and a cache among the images: found before the model is loaded
+    (tmp_path / "a_file").write_text("")
+    one_line(run(*common, f"--out_dir={tmp_path}/a_file"), "cannot write to", "(--out_dir)")
+    r = run(*common, f"--out_dir={tmp_path}/out3", f"--cache_dir={tmp_path}/a_file")
+    one_line(r, "cannot write to", "(--cache_dir)")
+    images = snapshot(d / "images")
+    one_line(run(*common, f"--out_dir={tmp_path}/out4", f"--cache_dir={d}/images"), "image folder of the dataset")
+    assert snapshot(d / "images") == images
 
 
 def test_resume_errors_are_one_line(tiny, tmp_path):
@@ -236,6 +249,9 @@ def test_sample_ablation_and_bench_check_their_input(tiny, tmp_path):
     one_line(run("--ckpt=/nonexistent.safetensors", "--steps=0", script="sample_ablation.py"), "--steps=0")
     one_line(run("--ckpt=/nonexistent.safetensors", script="sample_ablation.py"), "checkpoint not found")
     one_line(sa("--panels=[(0.012, False, 'x0')]"), "panel")
+    one_line(sa("--panels=[]"), "--panels is empty")
+    (tmp_path / "a_file").write_text("")
+    one_line(sa(f"--out={tmp_path}/a_file/g.png"), "cannot write to", "(--out)")  # before any sampling
     one_line(run("config/tiny.py", "--precision=fp8", script="bench.py"), "--precision")
     one_line(run("config/tiny.py", "--resolution=100", script="bench.py"), "multiples of 32")
     assert not os.path.exists(tmp_path / "g.png")
