@@ -153,6 +153,8 @@ if not re.fullmatch(r"cpu|cuda(:\d+)?", device) or (device != "cpu" and int(devi
 if not dataset_dir or not (os.path.isdir(dataset_dir) or make_synthetic):
     raise configurator.UserFileNotFound(f"--dataset_dir={dataset_dir!r} is not a folder (a folder of images with .txt "
                                         f"captions, or with a metadata.jsonl)")
+if cache_dir and os.path.realpath(cache_dir) == os.path.realpath(dataset_dir):  # (image subfolders: after the scan)
+    raise configurator.UserError(f"--cache_dir={cache_dir!r} is the dataset folder; keep the cache elsewhere")
 if make_synthetic and not (synthetic_sizes and all(isinstance(s, (tuple, list)) and len(s) == 2 and all(
         isinstance(v, int) and v >= 8 for v in s) for s in synthetic_sizes)):
     raise configurator.UserError(f"config error: --synthetic_sizes={synthetic_sizes!r} must be (h, w) pairs of "

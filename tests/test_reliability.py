@@ -93,8 +93,10 @@ def test_config_errors_are_one_line_before_any_work(tiny, tmp_path):
     r = run(*common, f"--out_dir={tmp_path}/out3", f"--cache_dir={tmp_path}/a_file")
     one_line(r, "cannot write to", "(--cache_dir)")
     images = snapshot(d / "images")
-    one_line(run(*common, f"--out_dir={tmp_path}/out4", f"--cache_dir={d}/images"), "image folder of the dataset")
+    one_line(run(*common, f"--out_dir={tmp_path}/out4", f"--cache_dir={d}/images"), "is the dataset folder")
     assert snapshot(d / "images") == images
+    one_line(run(*fresh, f"--out_dir={tmp_path}/out5", f"--cache_dir={tmp_path}/images/"), "is the dataset folder")
+    assert not (tmp_path / "out5").exists()
 
 
 def test_resume_errors_are_one_line(tiny, tmp_path):
