@@ -725,24 +725,29 @@ while iter_num < max_iters:
         save_ckpt(iter_num, loader_state)
         sys.exit(f"stopping: {consecutive} non-finite steps in a row (lower lr? check the data); ckpt.pt written")
 
-    if iter_num % log_interval == 0 and master_process:
-        if device_type == "cuda":
-            torch.cuda.synchronize()
-        elapsed = time.time() - t0
-        ips = log["imgs"] / elapsed
-        mfu = f"{100 * log['flops'] / elapsed / (peak * 1e12):.1f}%" if peak else "-"
-        mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}GiB" if device_type == "cuda" else "-"
-        eta = (max_iters - iter_num) * elapsed / log_interval
-        bins, bin_n = (log["bins"] / log["bin_n"].clamp(min=1)).tolist(), log["bin_n"].tolist()
-        loss_avg = log["loss"].item() / log["n"] if log["n"] else float("nan")
-        shown = f"{loss_avg:.5f}" if log["n"] else "- (every step skipped)"
-        print(f"iter {iter_num}: loss {shown}, lr {lr_now:.3g}, betas ({betas_now[0]:.4f}, "
-              f"{betas_now[1]:.4f}), gnorm {gnorm.item():.3g}, {ips:.2f} img/s, {1000 * elapsed / log_interval:.0f} ms/it, "
-              f"mfu {mfu}, mem {mem}, skipped {skipped}, eta {eta / 60:.1f} min")
-        print("  t-bin mse " + " ".join(f"{v:.4f}" if n else "-" for v, n in zip(bins, bin_n)))
-        if wandb_log:
-            wandb.log({"iter": iter_num, "loss": loss_avg, "lr": lr_now, "img_s": ips,
-                       **{f"mse_bin{i}": v for i, v in enumerate(bins)}})
+    if iter_num % log_interval == 0:
+        if distributed:  # the loss and t-bin errors of the global batch, not of this process's share
+            sums = torch.cat([log["loss"].view(1), log["bins"], log["bin_n"]])
+            torch.distributed.all_reduce(sums)
+            log.update(loss=sums[0] / world, bins=sums[1:11], bin_n=sums[11:])  # (n is the same on every process)
+        if master_process:
+            if device_type == "cuda":
+                torch.cuda.synchronize()
+            elapsed = time.time() - t0
+            ips = log["imgs"] / elapsed
+            mfu = f"{100 * log['flops'] / elapsed / (peak * 1e12):.1f}%" if peak else "-"
+            mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}GiB" if device_type == "cuda" else "-"
+            eta = (max_iters - iter_num) * elapsed / log_interval
+            bins, bin_n = (log["bins"] / log["bin_n"].clamp(min=1)).tolist(), log["bin_n"].tolist()
+            loss_avg = log["loss"].item() / log["n"] if log["n"] else float("nan")
+            shown = f"{loss_avg:.5f}" if log["n"] else "- (every step skipped)"
+            print(f"iter {iter_num}: loss {shown}, lr {lr_now:.3g}, betas ({betas_now[0]:.4f}, {betas_now[1]:.4f}), "
+                  f"gnorm {gnorm.item():.3g}, {ips:.2f} img/s, {1000 * elapsed / log_interval:.0f} ms/it, mfu {mfu}, "
+                  f"mem {mem}, skipped {skipped}, eta {eta / 60:.1f} min")
+            print("  t-bin mse " + " ".join(f"{v:.4f}" if n else "-" for v, n in zip(bins, bin_n)))
+            if wandb_log:
+                wandb.log({"iter": iter_num, "loss": loss_avg, "lr": lr_now, "img_s": ips,
+                           **{f"mse_bin{i}": v for i, v in enumerate(bins)}})
         log = new_log()
         t0 = time.time()
 

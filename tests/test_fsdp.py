@@ -139,6 +139,12 @@ def test_adamw8bit_on_shards_resumes_bit_exactly(tiny):
     one = run(f"--out_dir={d}/q_one", *common, "--optimizer=adamw8bit", "--max_iters=1")
     gnorm = lambda out: next(line.split("gnorm ")[1].split(",")[0] for line in out.splitlines() if line.startswith("iter 1:"))
     assert gnorm(r.stdout) == gnorm(one.stdout), (gnorm(r.stdout), gnorm(one.stdout))
+    # the logged loss and t-bin errors are the global batch's (summed over the processes), not rank 0's half
+    lines = [out.splitlines() for out in (r.stdout, one.stdout)]
+    loss = [float(next(line for line in ls if line.startswith("iter 1:")).split("loss ")[1].split(",")[0]) for ls in lines]
+    bins = [ls[next(i for i, line in enumerate(ls) if line.startswith("iter 1:")) + 1].split()[2:] for ls in lines]
+    assert abs(loss[0] - loss[1]) < 1e-4 and [b == "-" for b in bins[0]] == [b == "-" for b in bins[1]], (loss, bins)
+    assert all(abs(float(a) - float(b)) < 1e-3 for a, b in zip(*bins) if a != "-"), bins
     run(f"--out_dir={d}/q_split", *args, "--max_iters=2", procs=2)
     shards = [(d / "q_split" / "ckpt" / f"__{r}_0.distcp").stat().st_size for r in range(2)]
     r = run(f"--out_dir={d}/q_split", *args, "--max_iters=4", "--init_from=resume", procs=2)
