@@ -1,5 +1,5 @@
 """The repo reads on its own: every `FILE.md §N` that code, tests or docs cite names a section that exists in
-docs/ (or beside the citing file), and nothing points outside the repository."""
+docs/ (or beside the citing file), nothing points outside the repository, and the README's line count is true."""
 import os
 import re
 
@@ -41,3 +41,16 @@ def test_nothing_points_outside_the_repo():
         text = open(path, encoding="utf-8", errors="replace").read()
         outside, old_name = "../" + "shared", "math" + ".md"  # (spelled apart, so this file does not match itself)
         assert outside not in text and old_name not in text.replace("maths.md", ""), os.path.relpath(path, ROOT)
+
+
+def test_readme_states_the_line_count():
+    """The README's count of the training path is the files' count today."""
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    m = re.search(r"The training path \(([\w, ]+)\) is ([\d,]+) lines and `demo.py` adds ([\d,]+)",
+                  readme.replace("\n", " "))
+    assert m, "README: no training-path line count"
+    count = lambda names: sum(len(open(os.path.join(ROOT, f"{n}.py"), encoding="utf-8").read().splitlines())
+                              for n in names)
+    names = [n.strip() for n in m.group(1).split(",")]
+    assert len(names) >= 10 and "train" in names
+    assert (count(names), count(["demo"])) == (int(m.group(2).replace(",", "")), int(m.group(3).replace(",", "")))
