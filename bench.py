@@ -35,12 +35,10 @@ import gc
 import json
 import math
 import os
-import re
 import platform
 import shlex
 import signal
 import statistics
-import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -137,8 +135,7 @@ if len(record_as) != 2 or not all(isinstance(x, str) for x in record_as):
     raise configurator.UserError(f"config error: --record_as={record_as!r} must be two names, (ours, diffusers)")
 if resolution % 32 or (width and width % 32):  # latents are 1/8, halved twice by the UNet; GroupNorm's 32 groups
     raise configurator.UserError(f"config error: --resolution ({resolution}) and --width ({width}) must be multiples of 32")
-if not re.fullmatch(r"cpu|cuda(:\d+)?", device) or (device != "cpu" and int(device[5:] or 0) >= torch.cuda.device_count()):
-    raise configurator.UserError(f"config error: --device={device!r}: this machine has {torch.cuda.device_count()} CUDA devices")
+configurator.check_device(device)
 # -----------------------------------------------------------------------------
 
 device_type = "cuda" if device.startswith("cuda") else "cpu"
@@ -294,15 +291,13 @@ def step(side, marks):
     marks.append(clock())
     loss.backward()
     marks.append(clock())
-    opt, max_norm = side["opt"], grad_clip if grad_clip > 0 else math.inf
-    if optimizer == "adamw8bit":  # as train.py: the factor goes to the update kernels, fetched with the skip test
-        gnorm = opt.grad_norm()
-        ok = torch.isfinite(gnorm) & torch.isfinite(loss)  # (a bench step never skips; the transfer is the cost)
-        ok, coef = torch.stack([ok.float(), (max_norm / (gnorm + 1e-6)).clamp(max=1.0)]).tolist()
-    elif grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(side["net"].parameters(), grad_clip)  # foreach, no host sync
+    # as train.py: the norm, the clip, and the skip test fetched with the clip factor (a bench step never skips;
+    # the transfer is the cost)
+    opt = side["opt"]
+    gnorm, coef = optim.clip_factor(opt, side["net"].parameters(), grad_clip if grad_clip > 0 else math.inf)
+    _, coef = torch.stack([(torch.isfinite(gnorm) & torch.isfinite(loss)).float(), coef.float()]).tolist()
     marks.append(clock())
-    opt.step(gnorm_scale=coef) if optimizer == "adamw8bit" else opt.step()
+    opt.step(gnorm_scale=coef) if isinstance(opt, optim.FlatAdamW8bit) else opt.step()
     opt.zero_grad(set_to_none=True)
     marks.append(clock())
 
@@ -346,14 +341,6 @@ def report(side):
           f"opt {o:.1f} ms over {n} tensors), {side['flops'] / 1e12:.4g} TFLOP/img, mfu {mfu}, peak mem {mem}, "
           f"first step {side['first_s']:.1f} s, batch {batch_size} @ {resolution}px, {len(side['times'])} steps")
     return ips
-
-
-def git_sha():
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
-                                       stderr=subprocess.DEVNULL, text=True).strip()
-    except Exception:
-        return "unknown"
 
 
 def write_records():
@@ -417,7 +404,7 @@ batch = {k: v.to(wdtype if k != "time_ids" else torch.float32) for k, v in batch
 if channels_last:
     batch["x0"] = batch["x0"].contiguous(memory_format=torch.channels_last)
 sides = [make_side(*n) for n in nets]
-SHA = git_sha()  # now: at exit, __file__ is no longer defined here
+SHA = perf.git_sha()  # now, not in the exit hook
 atexit.register(write_records)
 signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # a time limit: exit through atexit
 

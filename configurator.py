@@ -52,6 +52,15 @@ def check(cfg, choices=None, at_least=None, within=None):
         raise UserError("config error: " + "; ".join(bad))
 
 
+def check_device(device):
+    """A UserError unless device is cpu, cuda or cuda:N for a CUDA device this machine has."""
+    import torch  # (lazy: this module is plain Python otherwise)
+    n = torch.cuda.device_count()
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device) or (device != "cpu" and int(device[5:] or 0) >= n):
+        raise UserError(f"config error: --device={device!r}: this machine has {n} CUDA devices; use cpu, cuda or "
+                        f"cuda:N")
+
+
 def _user_error_hook(kind, err, tb):
     if issubclass(kind, UserError):
         sys.stdout.flush()
@@ -159,7 +168,8 @@ def _configure(g, argv):
             try:
                 exec(compile(open(path, encoding="utf-8").read(), path, "exec"), ns)
             except Exception as e:  # the user's Python: say where, not a traceback into this file
-                line = getattr(e, "lineno", None) or (e.__traceback__.tb_next.tb_lineno if e.__traceback__.tb_next else "?")
+                tb = e.__traceback__.tb_next  # the user's frame (a SyntaxError carries its line instead)
+                line = getattr(e, "lineno", None) or (tb.tb_lineno if tb else "?")
                 raise ValueError(f"{path} line {line}: {type(e).__name__}: {e}") from None
             for k, v in ns.items():
                 if k.startswith("_") or isinstance(v, (types.ModuleType, types.FunctionType, type)):

@@ -15,7 +15,8 @@ import checkpoint
 import files
 import model
 from configurator import UserError
-from tokenizer import _SPECIAL_AS_TEXT, _SPECIALS, BOS_TOKEN, EOS_TOKEN, SPLIT_PATTERN, _byte_encode, bytes_to_unicode, clean_text
+from tokenizer import (_SPECIAL_AS_TEXT, _SPECIALS, BOS_TOKEN, EOS_TOKEN, SPLIT_PATTERN, _byte_encode, bytes_to_unicode,
+                       clean_text, merge_pair)
 
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40),
@@ -96,7 +97,6 @@ def make_synthetic_dataset(root, n=64, seed=0, sizes=((128, 128), (96, 160), (16
 
 
 def _write_vocab(out_dir, vocab_list, merges):
-    os.makedirs(out_dir, exist_ok=True)
     vocab = {}
     for tok in vocab_list:
         vocab.setdefault(tok, len(vocab))  # a duplicate (two merges giving one string) keeps its first id
@@ -136,15 +136,7 @@ def build_tiny_vocab(out_dir, texts, n_merges=256):
         best = min(pairs, key=lambda p: (-pairs[p], p))
         merges.append(best)
         for w in words:
-            s, merged, i = w[0], [], 0
-            while i < len(s):
-                if i < len(s) - 1 and s[i] == best[0] and s[i + 1] == best[1]:
-                    merged.append(s[i] + s[i + 1])
-                    i += 2
-                else:
-                    merged.append(s[i])
-                    i += 1
-            w[0] = merged
+            w[0] = merge_pair(w[0], best)
     vocab = _base_vocab() + ["".join(m) for m in merges] + [BOS_TOKEN, EOS_TOKEN]
     return _write_vocab(out_dir, vocab, merges)
 

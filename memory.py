@@ -39,7 +39,6 @@ cards = (24, 40, 48, 80, 141)  # card sizes in GB as sold; CUDA sees about as ma
 headroom = 3.0  # GiB left free on every card (CUDA context, allocator fragmentation, activation grads, workspaces)
 # -----------------------------------------------------------------------------
 FSDP_GATHERED = 2  # whole blocks held by FSDP2 at once: the one computing and the next, all-gathered ahead of it
-SR_CHUNK = 1 << 26  # optim.FlatAdamW8bit's elements per kernel call on CUDA (bf16 weights: fp32 temporaries per chunk)
 GIB = 2 ** 30
 
 LOWER = {F.linear, F.conv2d, F.scaled_dot_product_attention, torch.matmul, torch.bmm, torch.baddbmm, torch.addmm}
@@ -170,7 +169,7 @@ def per_gpu(static, act, act_fsdp, parallel, n, precision, optimizer):
         comm = FSDP_GATHERED * static["largest_block"] * 2
     else:
         comm = static["grads"] if n > 1 else 0
-    step_temps = 4 * 4 * SR_CHUNK if precision == "bf16" and optimizer == "adamw8bit" else 0
+    step_temps = 4 * 4 * optim.CHUNK_CUDA if precision == "bf16" and optimizer == "adamw8bit" else 0
     activations = act_fsdp if parallel == "fsdp" else act
     row = {"weights": weights, "grads": grads, "optimizer": state, "comm": comm, "activations": activations}
     row["total"] = weights + grads + state + comm + max(activations, step_temps)

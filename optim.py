@@ -13,6 +13,8 @@ import logging
 import torch
 from torch.distributed.tensor import DTensor
 
+from sharding import full, like, local
+
 
 def stochastic_round_bf16(x, generator=None):
     """fp32 -> bf16, rounding up or down with probability proportional to closeness, so E[out] = x.
@@ -25,6 +27,7 @@ def stochastic_round_bf16(x, generator=None):
 BNB_BLOCK = 256  # bitsandbytes' blockwise 8-bit state: one absmax per 256 consecutive elements
 BNB_MIN_8BIT = 4096  # bitsandbytes' min_8bit_size: smaller tensors keep 32-bit state
 NORM_ROW = 1 << 16  # grad_norm sums each flat buffer in rows of this many elements, then the row norms
+CHUNK_CUDA, CHUNK_CPU = 1 << 26, 1 << 20  # elements per kernel call (CPU: temporaries that stay in cache)
 
 
 class FlatAdamW8bit(torch.optim.Optimizer):
@@ -66,7 +69,7 @@ class FlatAdamW8bit(torch.optim.Optimizer):
     @torch.no_grad()
     def _flatten(self, gi, ps, eight):
         sharded = isinstance(ps[0], DTensor)
-        shards = [p.to_local() if sharded else p for p in ps]  # what this process updates
+        shards = [local(p) for p in ps]  # what this process updates
         dev, dt = shards[0].device, shards[0].dtype
         offsets, n = [], 0
         for t in shards:
@@ -79,8 +82,7 @@ class FlatAdamW8bit(torch.optim.Optimizer):
         for p, t, o, view in zip(ps, shards, offsets, views):
             g = flat_g.as_strided(t.shape, t.stride(), o)
             if sharded:  # a DTensor over the view: FSDP's reduce-scatter adds into it
-                p.grad = DTensor.from_local(g, p.device_mesh, p.placements, run_check=False, shape=p.shape,
-                                            stride=p.stride())
+                p.grad = like(p, g)
             else:  # the parameter itself moves into the buffer (its old storage is freed)
                 p.data, p.grad = view, g
         buf = {"group": gi, "p": flat_p, "g": flat_g, "params": ps, "grads": [p.grad for p in ps], "sharded": sharded,
@@ -97,7 +99,7 @@ class FlatAdamW8bit(torch.optim.Optimizer):
                 raise RuntimeError(f"parameter {tuple(p.shape)} no longer lives in the optimizer's flat buffer (was "
                                    "the model moved or cast after configure_optimizer?): build the optimizer last")
             if p.grad is not g:  # assigned, or recreated after someone set it to None: take its values
-                _local(g).copy_(_local(p.grad) if p.grad is not None else 0)
+                local(g).copy_(local(p.grad) if p.grad is not None else 0)
                 p.grad = g
 
     @torch.no_grad()
@@ -143,7 +145,7 @@ class FlatAdamW8bit(torch.optim.Optimizer):
             group, p, g = self.param_groups[buf["group"]], buf["p"], buf["g"]
             if p.dtype == torch.bfloat16 and self.sr_gen is None:
                 self.sr_gen = torch.Generator(device=p.device).manual_seed(self.seed)
-            chunk = self.chunk or (1 << 26 if p.is_cuda else 1 << 20)  # CPU: temporaries that stay in cache
+            chunk = self.chunk or (CHUNK_CUDA if p.is_cuda else CHUNK_CPU)
             if buf["sharded"]:  # the shards may have been written since (a load, an EMA swap): start from them
                 torch._foreach_copy_(buf["views"], [q.to_local() for q in buf["params"]])
             for lo in range(0, p.numel(), chunk):
@@ -165,7 +167,7 @@ class FlatAdamW8bit(torch.optim.Optimizer):
             buf["g"].zero_()
 
     def _layout(self):  # under FSDP: this process's shard sizes, so another process count does not fit
-        return [[buf["group"]] + [_local(p).numel() for p in buf["params"]] for buf in self.buffers]
+        return [[buf["group"]] + [local(p).numel() for p in buf["params"]] for buf in self.buffers]
 
     def state_dict(self):
         keys = ("state1", "state2", "absmax1", "absmax2")
@@ -189,14 +191,6 @@ class FlatAdamW8bit(torch.optim.Optimizer):
             self.sr_gen.set_state(sd["sr_gen"])
 
 
-def _local(t):
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def _whole(t):  # a norm of a sharded tensor is a partial sum on each process until it is reduced
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
 class Adafactor(torch.optim.Adafactor):
     """torch.optim.Adafactor (Shazeer & Stern 2018, arXiv 1804.04235; torch's defaults, state and numbers), with
     its reductions written out of place so that FSDP's sharded DTensors can be stepped too: torch's own squares a
@@ -214,7 +208,7 @@ class Adafactor(torch.optim.Adafactor):
                 step += 1
                 t = step.item()
                 beta = t ** group["beta2_decay"]  # 1 - beta2_t
-                alpha = max(eps2, _whole(p.norm(2)).item() / p.numel() ** 0.5) * min(lr, t ** -0.5)  # relative step
+                alpha = max(eps2, full(p.norm(2)).item() / p.numel() ** 0.5) * min(lr, t ** -0.5)  # relative step
                 if decay:
                     p.mul_(1 - lr * decay)
                 if g.dim() > 1:  # the second moment factored into row and column means of g^2
@@ -224,7 +218,7 @@ class Adafactor(torch.optim.Adafactor):
                 else:
                     v = var.lerp_(g * g, beta).clone()
                 update = v.clamp(min=e1 * e1).rsqrt().mul(g)
-                p.add_(update, alpha=-alpha / max(1.0, _whole(update.norm(2)).item() / (update.numel() ** 0.5 * d)))
+                p.add_(update, alpha=-alpha / max(1.0, full(update.norm(2)).item() / (update.numel() ** 0.5 * d)))
 
 
 OPTIMIZERS = ("adamw8bit", "adamw", "adafactor")
@@ -248,6 +242,18 @@ def configure_optimizer(params, name="adamw8bit", lr=1e-5, betas=(0.9, 0.95), ep
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
 
 
+def clip_factor(opt, params, max_norm):
+    """(the global grad norm, the clip factor still to apply), both 0-d tensors on the device, no host sync.
+    FlatAdamW8bit applies the factor as its kernels read the grads (step(gnorm_scale=...)), so nothing is written
+    here; the other optimizers' grads are clipped in place (clip_grad_norm_) and their factor is 1. Under FSDP the
+    norm is over every process's shards."""
+    if isinstance(opt, FlatAdamW8bit):
+        gnorm = opt.grad_norm()
+        return gnorm, (max_norm / (gnorm + 1e-6)).clamp(max=1.0)  # clip_grad_norm_'s factor
+    gnorm = full(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return gnorm, torch.ones_like(gnorm)
+
+
 class EMA:
     """An exponential moving average of the weights (Polyak & Juditsky 1992), kept in fp32 on `device` (the
     training device, or the CPU to spare its memory), sharded like the weights under FSDP (each process
@@ -257,11 +263,11 @@ class EMA:
     def __init__(self, named_params, decay, device):
         self.names, self.params = zip(*named_params)
         self.decay = decay
-        self.shadow = [_local(p).detach().to(device=device, dtype=torch.float32, copy=True) for p in self.params]
+        self.shadow = [local(p).detach().to(device=device, dtype=torch.float32, copy=True) for p in self.params]
 
     @torch.no_grad()
     def update(self):
-        w = [_local(p).detach().to(s.device, torch.float32) for p, s in zip(self.params, self.shadow)]
+        w = [local(p).detach().to(s.device, torch.float32) for p, s in zip(self.params, self.shadow)]
         torch._foreach_mul_(self.shadow, self.decay)  # two products, then the sum: the formula's own roundings
         torch._foreach_add_(self.shadow, torch._foreach_mul(w, 1 - self.decay))
 
@@ -270,12 +276,12 @@ class EMA:
         """The averaged weights in place of the model's (for an eval, a preview or an export); the model's own
         are put back bit for bit afterwards (their copy waits on the EMA's device)."""
         with torch.no_grad():
-            saved = [_local(p).to(s.device, copy=True) for p, s in zip(self.params, self.shadow)]
+            saved = [local(p).to(s.device, copy=True) for p, s in zip(self.params, self.shadow)]
             for p, s in zip(self.params, self.shadow):
-                _local(p).copy_(s)
+                local(p).copy_(s)
         try:
             yield
         finally:
             with torch.no_grad():
                 for p, s in zip(self.params, saved):
-                    _local(p).copy_(s)
+                    local(p).copy_(s)

@@ -1,7 +1,11 @@
 """
 The cost model of the UNet training step: model FLOPs per image, counted at the real shape, and the dense bf16
-peak of the GPUs we know, for MFU (docs/performance.md §1). train.py and bench.py both use it.
+peak of the GPUs we know, for MFU (docs/performance.md §1); and the commit a measurement ran. train.py and
+bench.py both use it.
 """
+import os
+import subprocess
+
 import torch
 
 from model import UNet
@@ -30,3 +34,12 @@ def unet_flops(cfg, h, w, batch=1):
         with FlopCounterMode(display=False) as counter:
             net(x, t, context, y).sum().backward()
     return counter.get_total_flops()
+
+
+def git_sha():
+    """The commit of this checkout, recorded with every run and measurement; 'unknown' outside a git clone."""
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                                       stderr=subprocess.DEVNULL, text=True).strip()
+    except Exception:
+        return "unknown"

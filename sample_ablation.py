@@ -25,7 +25,6 @@ Writes FILE.png and FILE.json (the exact settings, the checkpoint's markers, the
 """
 import math
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -329,8 +328,8 @@ def main():
                                "train_beta_end": (0, 1)})
     if not ckpt:
         raise UserError("config error: set --ckpt=PATH.safetensors or --ckpt=hf:OWNER/NAME/FILE")
-    if device and (not re.fullmatch(r"cpu|cuda(:\d+)?", device) or (device != "cpu" and int(device[5:] or 0) >= torch.cuda.device_count())):
-        raise UserError(f"config error: --device={device!r}: this machine has {torch.cuda.device_count()} CUDA devices")
+    if device:
+        configurator.check_device(device)
     if not seeds or not all(isinstance(s, int) for s in seeds):
         raise UserError(f"config error: --seeds={seeds!r} must be a non-empty list of integers")
     if not panels:

@@ -73,6 +73,19 @@ def _read_merges(path):
     return [tuple(line.split()) for line in lines if line.strip()]
 
 
+def merge_pair(symbols, pair):
+    """symbols with every occurrence of the adjacent pair joined into one symbol, left to right."""
+    merged, i = [], 0
+    while i < len(symbols):
+        if i < len(symbols) - 1 and symbols[i] == pair[0] and symbols[i + 1] == pair[1]:
+            merged.append(symbols[i] + symbols[i + 1])
+            i += 2
+        else:
+            merged.append(symbols[i])
+            i += 1
+    return merged
+
+
 class CLIPTokenizer:
     """CLIP BPE tokenizer from a vocab.json + merges.txt pair (the SDXL repo's tokenizer/ folder).
 
@@ -102,16 +115,7 @@ class CLIPTokenizer:
                     best, best_rank = pair, r
             if best is None:
                 break
-            first, second = best
-            merged, i = [], 0
-            while i < len(symbols):  # merge every occurrence, left to right
-                if i < len(symbols) - 1 and symbols[i] == first and symbols[i + 1] == second:
-                    merged.append(first + second)
-                    i += 2
-                else:
-                    merged.append(symbols[i])
-                    i += 1
-            symbols = merged
+            symbols = merge_pair(symbols, best)
         return symbols
 
     def encode(self, text):

@@ -21,9 +21,7 @@ import math
 import os
 import platform
 import random
-import re
 import signal
-import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -147,9 +145,7 @@ if grad_accum % world and grad_accum != 1:
     raise configurator.UserError(f"config error: --grad_accum={grad_accum} must divide by the {world} processes (or be 1)")
 if bucket_step % 8:
     raise configurator.UserError(f"config error: --bucket_step={bucket_step} must divide by 8 (the VAE's downsampling)")
-if not re.fullmatch(r"cpu|cuda(:\d+)?", device) or (device != "cpu" and int(device[5:] or 0) >= torch.cuda.device_count()):
-    raise configurator.UserError(f"config error: --device={device!r}: this machine has "
-                                 f"{torch.cuda.device_count()} CUDA devices; use cpu, cuda or cuda:N")
+configurator.check_device(device)
 if not dataset_dir or not (os.path.isdir(dataset_dir) or make_synthetic):
     raise configurator.UserFileNotFound(f"--dataset_dir={dataset_dir!r} is not a folder (a folder of images with .txt "
                                         f"captions, or with a metadata.jsonl)")
@@ -604,16 +600,8 @@ peak = peak_tflops or (perf.peak_tflops(torch.cuda.get_device_name(device)) if d
 flops_per_image = {}  # (h, w) of the latents -> model FLOPs of one image's forward + backward
 
 
-def git_sha():
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
-                                       stderr=subprocess.DEVNULL, text=True).strip()
-    except Exception:
-        return "unknown"
-
-
 if master_process:
-    run_info = {"git_sha": git_sha(), "argv": sys.argv, "python": platform.python_version(), "torch": torch.__version__,
+    run_info = {"git_sha": perf.git_sha(), "argv": sys.argv, "python": platform.python_version(), "torch": torch.__version__,
                 "device": torch.cuda.get_device_name(device) if device_type == "cuda" else platform.processor() or "cpu",
                 "world_size": world, "config": config}
     files.write_json(os.path.join(out_dir, "run.json"), run_info, indent=1, default=str)
@@ -692,10 +680,8 @@ while iter_num < max_iters:
         log["flops"] += b * world * flops_per_image[hw]
 
     # a non-finite loss or gradient skips the step: weights and optimizer state untouched. AdamW8bit applies the
-    # clip factor as its kernels read the grads (no pass over them to scale); the others clip in place
-    flat, max_norm = optimizer == "adamw8bit", grad_clip if grad_clip > 0 else math.inf
-    gnorm = opt.grad_norm() if flat else sharding.full(torch.nn.utils.clip_grad_norm_(unet.parameters(), max_norm))
-    coef = (max_norm / (gnorm + 1e-6)).clamp(max=1.0) if flat else torch.ones_like(gnorm)  # as clip_grad_norm_
+    # clip factor as its kernels read the grads (no pass over them to scale); the others are clipped in place
+    gnorm, coef = optim.clip_factor(opt, unet.parameters(), grad_clip if grad_clip > 0 else math.inf)
     ok = torch.isfinite(gnorm) & torch.isfinite(loss_sum)
     if distributed:  # every process takes the same decision
         ok = ok.float()
@@ -705,7 +691,7 @@ while iter_num < max_iters:
     # on-device skip and takes the factor as a float, and a skipped step must not touch the optimizer state
     ok, coef = torch.stack([ok.float(), coef.float()]).tolist()
     if ok:
-        opt.step(gnorm_scale=coef) if flat else opt.step()
+        opt.step(gnorm_scale=coef) if isinstance(opt, optim.FlatAdamW8bit) else opt.step()
         consecutive, steps_ok = 0, steps_ok + 1
         if ema and (iter_num + 1 - skipped) % ema_interval == 0:  # every ema_interval successful steps
             ema.update()
