@@ -14,6 +14,7 @@ them, so a fixed choice makes the cache reusable across runs and epochs (kohya's
 cached latents). The price is no fresh crop/flip per epoch; with flip=True a fixed random half is mirrored.
 The tokenizer lives in tokenizer.py; its public names stay importable from here (data.CLIPTokenizer, ...).
 """
+import atexit
 import hashlib
 import io
 import json
@@ -417,21 +418,38 @@ class Loader:
 def prefetch(loader, depth=2, pin_memory=False):
     """Yields (batch, loader state after it), built on a thread so that reading and stacking the cached tensors
     overlaps the GPU step; pinned memory makes the copy to the GPU asynchronous. The loader is deterministic and
-    touches only its own generators, so the batches are the same as without the thread."""
-    q = queue.Queue(depth)
+    touches only its own generators, so the batches are the same as without the thread. The thread is stopped and
+    joined when the generator is closed or at exit: a thread still inside a torch op while the interpreter shuts
+    down aborts the process ("terminate called without an active exception")."""
+    q, stop = queue.Queue(depth), threading.Event()
+
+    def put(item):  # into a full queue: wait, but notice a stop
+        while not stop.is_set():
+            try:
+                return q.put(item, timeout=0.1)
+            except queue.Full:
+                pass
 
     def work():
         try:
-            while True:
+            while not stop.is_set():
                 batch = loader.next_batch()
                 if pin_memory:
                     batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
-                q.put((batch, loader.state_dict()))
+                put((batch, loader.state_dict()))
         except Exception as e:  # handed to the training loop, which raises it
-            q.put(e)
-    threading.Thread(target=work, daemon=True).start()
-    while True:
-        got = q.get()
-        if isinstance(got, Exception):
-            raise got
-        yield got
+            put(e)
+    def finish():
+        stop.set()
+        thread.join()
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    atexit.register(finish)  # also when the caller never closes this generator (sys.exit mid-run)
+    try:
+        while True:
+            got = q.get()
+            if isinstance(got, Exception):
+                raise got
+            yield got
+    finally:
+        finish()

@@ -9,6 +9,7 @@ import json
 import os
 import random
 import shutil
+import threading
 import time
 
 import numpy as np
@@ -644,3 +645,22 @@ def test_batch_speed_sdxl_sizes(capsys):
     with capsys.disabled():
         print(f"\nloader: {n / (time.perf_counter() - t0):.0f} images/s of SDXL-size batches (batch 4, 1024^2)")
     assert n > 0
+
+
+def test_prefetch_gives_the_loader_order_and_stops_its_thread():
+    class Counter:  # a stand-in loader: batch i carries i, and its state is i
+        n = 0
+
+        def next_batch(self):
+            self.n += 1
+            return {"i": torch.tensor(self.n)}
+
+        def state_dict(self):
+            return {"n": self.n}
+    before = threading.active_count()
+    batches = data.prefetch(Counter(), depth=2)
+    got = [next(batches) for _ in range(5)]
+    assert [(b["i"].item(), s["n"]) for b, s in got] == [(i, i) for i in range(1, 6)]  # each with its own state
+    assert threading.active_count() == before + 1
+    batches.close()  # (at exit the same happens through atexit): no thread left inside torch code
+    assert threading.active_count() == before
