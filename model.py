@@ -2,11 +2,11 @@
 SDXL base 1.0 in plain PyTorch: UNet, VAE and the two text encoders, with parameter names that ARE the
 names in the single-file sgm checkpoint (`sd_xl_base_1.0.safetensors`).
 
-    sdxl = load_checkpoint("sd_xl_base_1.0.safetensors", device="cuda", dtype=torch.bfloat16)   # checkpoint.py
+    sdxl = checkpoint.load_checkpoint("sd_xl_base_1.0.safetensors", device="cuda", dtype=torch.bfloat16)
     context, pooled = sdxl.encode_text(tokens1, tokens2)     # (B, 77, 2048), (B, 1280)
     y = build_y(pooled, time_ids)                             # (B, 2816); time_ids (B, 6) = (h, w, top, left, h, w)
     out = sdxl.unet(z, t, context, y)                         # (B, 4, h, w)
-    save_checkpoint(sdxl, "out/model.safetensors", v_pred=True, ztsnr=True)                     # checkpoint.py
+    checkpoint.save_checkpoint(sdxl, "out/model.safetensors", v_pred=True, ztsnr=True)
 
 Because `SDXL().state_dict()` keys are the file's keys, loading and saving are a shape check and a copy, not a
 converter (the idea of kohya-ss sd-scripts' sdxl_original_unet.py). Every size is a dataclass field that
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint as recompute  # (checkpoint.py is the single-file reader)
 
 VAE_SCALE = 0.13025  # SDXL latent scale (no shift): the UNet sees mean * VAE_SCALE; decode z / VAE_SCALE
 TIME_ID_DIM = 256    # width of each of the 6 size/crop embeddings in y
@@ -281,7 +281,7 @@ class UNet(nn.Module):
 
     def _run(self, block, h, emb, context):
         if self.grad_ckpt and torch.is_grad_enabled():
-            return checkpoint(block, h, emb, context, use_reentrant=False)
+            return recompute(block, h, emb, context, use_reentrant=False)
         return block(h, emb, context)
 
     def forward(self, x, t, context, y):
@@ -543,14 +543,3 @@ def init_random_(model: nn.Module, seed=0):
             fan_in = p.shape[0] if name.endswith("text_projection") else p[0].numel()
             p.normal_(0.0, fan_in ** -0.5, generator=g)
     return model
-
-
-# -----------------------------------------------------------------------------
-# reading and writing the single file lives in checkpoint.py; its public names stay importable from here
-# (model.load_checkpoint, model.save_checkpoint) without an import cycle: resolved on first use (PEP 562)
-
-def __getattr__(name):
-    if name in ("load_checkpoint", "save_checkpoint", "CheckpointError"):
-        import checkpoint
-        return getattr(checkpoint, name)
-    raise AttributeError(f"module 'model' has no attribute {name!r}")

@@ -39,6 +39,7 @@ import files
 import data
 import demo
 import model
+import objective
 import schedule
 import tokenizer as clip_tokenizer
 from configurator import UserError, UserFileNotFound
@@ -142,6 +143,17 @@ def generate(sdxl, context, pooled, noise, abar, steps, prediction="v", guidance
     return torch.cat(imgs).clamp(-1, 1)
 
 
+def preview(sdxl, context, pooled, abar, size, seed, steps, prediction, guidance, phi, path=None):
+    """train.py's preview grid: one row of the prompts (context, pooled) at size x size from a fixed seed, on the
+    training schedule; written to path (None: every rank samples, only one writes)."""
+    f = 2 ** (len(sdxl.cfg.vae.ch_mult) - 1)  # the VAE's downsampling factor (8 in SDXL)
+    n, dev = context.shape[0], context.device
+    noise = torch.randn(n, sdxl.cfg.unet.in_channels, size // f, size // f, generator=torch.Generator().manual_seed(seed))
+    imgs = generate(sdxl, context, pooled, noise.to(dev), abar.to(dev), steps, prediction, guidance, phi, size, size)
+    if path:
+        save_grid(imgs, 1, n, path)
+
+
 def render(sdxl, context, pooled, noise, panel_dicts, steps, guidance, phi, height, width, batch_size=4,
            amp_dtype=None):
     """Every panel on every row, from the SAME noise per row -> (R * C, 3, H, W), row-major (row r, panel c)."""
@@ -229,6 +241,8 @@ def quant_ablation(model_fn, x0, noise, panel_dicts, train_abar, nbins=_NBINS):
     res = {"bins": [[b * T // nbins, (b + 1) * T // nbins - 1] for b in range(nbins)], "mse_v": [], "mse_eps": [],
            "recon": {p["label"]: [] for p in panel_dicts}, "n": int(x0.shape[0])}
     mse = lambda a, b: (a.double() - b.double()).pow(2).mean().item()
+    # the training objective's noising and targets (objective.py), on the training schedule and on each panel's
+    as_v, as_eps = objective.Objective(train_abar, "v"), objective.Objective(train_abar, "eps")
     for b in range(nbins):
         t = bin_timesteps(x0.shape[0], b, nbins, T).to(x0.device)
         outs = []  # the output depends on the schedule only, not on the reading: one call per schedule
@@ -237,13 +251,13 @@ def quant_ablation(model_fn, x0, noise, panel_dicts, train_abar, nbins=_NBINS):
             for a, z, o in outs:
                 if torch.equal(a, abar):
                     return z, o
-            z = schedule.add_noise(x0, noise, t, abar)
+            z = objective.Objective(abar).noised(x0, noise, t)
             outs.append((abar, z, model_fn(z, t).to(x0.dtype)))
             return outs[-1][1:]
 
         _, o = output(train_abar)
-        res["mse_v"].append(mse(o, schedule.v_target(x0, noise, t, train_abar)))
-        res["mse_eps"].append(mse(o, noise))
+        res["mse_v"].append(mse(o, as_v.target(x0, noise, t)))
+        res["mse_eps"].append(mse(o, as_eps.target(x0, noise, t)))
         for p in panel_dicts:
             z, o = output(p["abar"])
             res["recon"][p["label"]].append(mse(read_x0(o, z, t, p["abar"], p["prediction"]), x0))

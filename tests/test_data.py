@@ -99,7 +99,7 @@ def synth(tmp_path_factory):
     demo.make_synthetic_dataset(root, n=24, seed=0, sizes=((64, 64), (48, 80), (80, 48), (100, 100)))
     texts = [open(os.path.join(root, f)).read() for f in sorted(os.listdir(root)) if f.endswith(".txt")]
     vdir = demo.build_tiny_vocab(str(tmp_path_factory.mktemp("tiny_vocab")), texts, n_merges=64)
-    return root, data.load_tokenizer(vdir), vdir
+    return root, tokenizer.load_tokenizer(vdir), vdir
 
 
 # -----------------------------------------------------------------------------
@@ -147,7 +147,7 @@ def test_tokenizer_parity_with_transformers(real_vocab):
     hf = HFCLIPTokenizer(os.path.join(real_vocab, "vocab.json"), os.path.join(real_vocab, "merges.txt"),
                          pad_token="<|endoftext|>")
     assert len(hf) == 49408
-    tok = data.load_tokenizer(real_vocab)
+    tok = tokenizer.load_tokenizer(real_vocab)
     prompts = make_prompts()
     want = torch.tensor(hf(prompts, padding="max_length", max_length=77, truncation=True)["input_ids"])
     t0 = time.perf_counter()
@@ -158,7 +158,7 @@ def test_tokenizer_parity_with_transformers(real_vocab):
     assert got.shape == (len(prompts), 77) and got.dtype == torch.long
     assert (got[:, 0] == 49406).all() and (got[:, 76] == 49407).any()
     print(f"\ntokenizer: {len(prompts)} prompts identical to transformers; {len(prompts) / dt:.0f} prompts/s cold")
-    tok2 = data.load_tokenizer(real_vocab)
+    tok2 = tokenizer.load_tokenizer(real_vocab)
     warm = prompts * 5
     tok2(prompts)
     t0 = time.perf_counter()
@@ -167,7 +167,7 @@ def test_tokenizer_parity_with_transformers(real_vocab):
 
 
 def test_tokenizer_truncation_and_pads(real_vocab):
-    tok = data.load_tokenizer(real_vocab)
+    tok = tokenizer.load_tokenizer(real_vocab)
     long = tok(["cat " * 200])[0]
     assert long[0] == tok.bos and long[76] == tok.eos and (long[1:76] == long[1]).all()
     short = tok("a cat", pad_id=0)[0]  # a str works too; te2 pads with 0
@@ -453,7 +453,7 @@ def test_cache_dtype_changes_nothing_but_the_cast(synth, tmp_path):
 
 def _ddp_cache_worker(rank, world, root, vocab_dir, cache_dir, pg_file, out_dir):
     torch.distributed.init_process_group("gloo", init_method=f"file://{pg_file}", rank=rank, world_size=world)
-    tok = data.load_tokenizer(vocab_dir)
+    tok = tokenizer.load_tokenizer(vocab_dir)
     items = data.scan_dataset(root, BUCKETS)
     enc = TinyEncoders(tok.vocab_size)
     cache = encoder_cache.build_cache(items, enc, tok, cache_dir, batch_size=4, rank=rank, world=world, workers=1)

@@ -13,6 +13,7 @@ from PIL import Image
 
 import demo
 from configurator import UserError
+import checkpoint
 import model
 import sample_ablation as SA
 import schedule as S
@@ -28,7 +29,7 @@ def tiny_ckpt(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny")
     sdxl = model.init_random_(model.SDXL(model.SDXLConfig.tiny()), seed=0)
     path = str(d / "model.safetensors")
-    model.save_checkpoint(sdxl, path, v_pred=True, ztsnr=True)
+    checkpoint.save_checkpoint(sdxl, path, v_pred=True, ztsnr=True)
     demo.build_tiny_vocab(str(d / "diffusers" / "tokenizer"), CAPTIONS)
     return path
 
