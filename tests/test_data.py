@@ -4,6 +4,7 @@ The encoders are small stand-ins (a strided conv "VAE", an embedding "text encod
 contract, so these tests do not depend on model.py. Run `pytest -s tests/test_data.py` to see the measured
 tokenizer and batch speeds.
 """
+import dataclasses
 import importlib.util
 import itertools
 import json
@@ -49,12 +50,14 @@ class TinyVAE(torch.nn.Module):
 class OnTheFly:
     """The Cache.load interface without a cache: decode and encode every time (the uncached reference)."""
 
-    def __init__(self, encoders, tokenizer, device="cpu"):
+    def __init__(self, encoders, tokenizer, device="cpu", max_token_length=75):
         self.encoders, self.tokenizer, self.device = encoders, tokenizer, device
+        self.max_token_length = max_token_length
 
     def load(self, items):
         mean = encoder_cache.encode_images(self.encoders.vae, items, self.device)
-        t1, t2 = tokenizer.tokenize(self.tokenizer, [it.caption for it in items])
+        t1, t2 = tokenizer.tokenize(self.tokenizer, [it.caption for it in items],
+                                    max_token_length=self.max_token_length)
         context, pooled = encoder_cache.encode_captions(self.encoders.encode_text, t1, t2, device=self.device)
         return mean, context, pooled
 
@@ -535,6 +538,47 @@ def test_cache_dtype_changes_nothing_but_the_cast(synth, tmp_path):
         assert torch.equal(m16, cast(m32)) and torch.equal(y["latents"], m16 * data.VAE_SCALE)
         for k in ("context", "pooled", "time_ids"):
             assert y[k].dtype == torch.float32 and torch.equal(y[k], cast(x[k]) if k != "time_ids" else x[k]), k
+
+
+def test_cache_long_prompts(synth, tmp_path):
+    """max_token_length=225: 231-position contexts, equal to encoding on the fly and to each 77-position chunk
+    encoded alone; a cache made at 75 is not read at 225 (and 75 keeps the key formula caches already have)."""
+    root, tok, _ = synth
+    items = data.scan_dataset(root, BUCKETS, seed=3, quiet=True)
+    items = [dataclasses.replace(it, caption=", ".join([it.caption] * (1 + 4 * (i % 6)))) for i, it in enumerate(items)]
+    lengths = [len(tok.encode(it.caption)) for it in items]
+    assert min(lengths) < 75 and max(lengths) > 2 * 75  # one, two and three chunks' worth (and more)
+    enc = TinyEncoders(tok.vocab_size)
+    cdir = str(tmp_path / "cache")
+    c75 = _build(items, enc, tok, cdir)
+    t1, t2 = tokenizer.tokenize(tok, [items[0].caption])
+    fp = encoder_cache.weights_fingerprint(enc.te1, enc.te2)
+    assert c75.txt_keys[items[0].index] == data.hash_bytes(b"text v1|" + t1[0].numpy().tobytes() + b"|" +
+                                                           t2[0].numpy().tobytes() + b"|" + fp.encode())
+    enc.seen = enc.vae.seen = 0
+    c225 = _build(items, enc, tok, cdir, max_token_length=225)
+    n_txt = len(set(c225.txt_keys.values()))
+    assert not set(c75.txt_keys.values()) & set(c225.txt_keys.values()) and c75.lat_keys == c225.lat_keys
+    assert enc.seen == 3 * (1 + n_txt) and enc.vae.seen == 1  # every caption again, as 3 rows of 77; no image
+    enc.seen = 0
+    _build(items, enc, tok, cdir, max_token_length=225)
+    assert enc.seen == 3  # the probe only: a 225 cache is reused at 225
+    a = data.Loader(items, c225, 3, seed=5, caption_dropout=0.3, verbose=False)
+    b = data.Loader(items, OnTheFly(enc, tok, max_token_length=225), 3, seed=5, caption_dropout=0.3, verbose=False)
+    for _ in range(len(a)):
+        x, y = a.next_batch(), b.next_batch()
+        for k in x:
+            assert torch.equal(x[k], y[k]), k
+    assert x["context"].shape == (3, 231, 16) and x["pooled"].shape == (3, 5)
+    # by hand: each chunk through the 77-token encoder on its own, the three contexts side by side, pooled of chunk 0
+    t1, t2 = tokenizer.tokenize(tok, [it.caption for it in items], max_token_length=225)
+    text = lambda cache, its: [torch.stack([cache.read("text", cache.txt_keys[it.index])[k] for it in its])
+                               for k in ("context", "pooled")]
+    ctx, pooled = text(c225, items)
+    chunks = [enc.encode_text(t1[:, 77 * c:77 * (c + 1)], t2[:, 77 * c:77 * (c + 1)]) for c in range(3)]
+    assert torch.equal(ctx, torch.cat([c for c, _ in chunks], dim=1)) and torch.equal(pooled, chunks[0][1])
+    short = [i for i, n in enumerate(lengths) if n <= 75]
+    assert short and torch.equal(ctx[short, :77], text(c75, [items[i] for i in short])[0])
 
 
 def _ddp_cache_worker(rank, world, root, vocab_dir, cache_dir, pg_file, out_dir):
