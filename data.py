@@ -316,7 +316,8 @@ def collate(items, source, dropped=None):
     dropped. Dropped samples get zeroed context and pooled (the sampler's unconditional branch)."""
     dropped = torch.zeros(len(items), dtype=torch.bool) if dropped is None else dropped
     # load() returns freshly stacked tensors (never the cached ones), so in-place edits are safe and save
-    # a copy of the biggest tensor in the batch (context is 77x2048 floats per image in SDXL)
+    # a copy of the biggest tensor in the batch (context is 77x2048 floats per image in SDXL, 231x2048 at
+    # max_token_length 225)
     mean, context, pooled = source.load(items)
     context[dropped] = 0.0
     pooled[dropped] = 0.0
@@ -345,7 +346,7 @@ class Loader:
 
     source: a cache.Cache (from build_cache), or anything with .load(items) -> (mean, context, pooled) that
     returns new tensors (they are edited in place).
-    Batches: latents [B,C,h,w] fp32 (mean * VAE_SCALE), context [B,77,D], pooled [B,P] (both zero where
+    Batches: latents [B,C,h,w] fp32 (mean * VAE_SCALE), context [B,77n,D], pooled [B,P] (both zero where
     dropped), time_ids [B,6] = (orig_h, orig_w, crop_top, crop_left, target_h, target_w), index [B] (item
     ids), dropped [B] bool.
     """

@@ -160,7 +160,8 @@ class CrossAttention(nn.Module):
         self.to_v = nn.Linear(context_dim, dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(dim, dim))
 
-    def forward(self, x, context=None):  # x (B, T, dim), context (B, 77, context_dim) or None = self-attention
+    def forward(self, x, context=None):  # x (B, T, dim), context (B, S, context_dim) or None = self-attention
+        # S is any length: 77 for one prompt chunk, 77 n for long prompts (docs/sdxl_format.md §8)
         context = x if context is None else context
         return self.to_out(attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads))
 
@@ -285,7 +286,7 @@ class UNet(nn.Module):
         return block(h, emb, context)
 
     def forward(self, x, t, context, y):
-        """x (B, 4, h, w) noisy latents, t (B,) DDPM index, context (B, 77, ctx), y (B, adm) -> (B, 4, h, w).
+        """x (B, 4, h, w) noisy latents, t (B,) DDPM index, context (B, 77 n, ctx), y (B, adm) -> (B, 4, h, w).
         h and w must be multiples of 2^(levels-1) (4 for SDXL) so the skips line up."""
         dtype = self.out[2].weight.dtype  # inputs follow the weights (pure-bf16 mode); autocast still applies
         x, context, y = x.to(dtype), context.to(dtype), y.to(dtype)
@@ -518,7 +519,8 @@ class SDXL(nn.Module):
 
     def encode_text(self, tokens1, tokens2):
         """tokens1 (CLIP-L ids, EOS padding), tokens2 (bigG ids, 0 padding), (B, 77) each ->
-        (context (B, 77, te1 + te2 width), pooled (B, proj_dim))."""
+        (context (B, 77, te1 + te2 width), pooled (B, proj_dim)). Longer prompts are several 77-token rows,
+        concatenated after encoding: cache.encode_captions."""
         h2, pooled = self.te2(tokens2)
         return torch.cat([self.te1(tokens1), h2], dim=-1), pooled
 

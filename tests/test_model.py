@@ -123,6 +123,26 @@ def test_unet_parity(case):
 
 
 @torch.no_grad()
+def test_unet_parity_long_context(case):
+    """Cross-attention over any context length: 231 positions (max_token_length 225, 3 x 77) against diffusers."""
+    cfg, sdxl, ref = case["cfg"], case["sdxl"], case["oracles"]["unet"]
+    g = torch.Generator().manual_seed(5)
+    t = torch.tensor([17, 999])
+    B, (h, w) = len(t), case["latent_hw"]
+    x = torch.randn(B, 4, h, w, generator=g)
+    context = torch.randn(B, 3 * 77, cfg.unet.context_dim, generator=g)
+    pooled = torch.randn(B, cfg.te2.proj_dim, generator=g)
+    time_ids = torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]]).repeat(B, 1)
+    ours = sdxl.unet(x, t, context, model.build_y(pooled, time_ids))
+    theirs = ref(x, t, context, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+    RESULTS[case["name"], "unet ctx 231"] = err = rel_err(ours, theirs)
+    assert err < TOL
+    # the extra positions are read: the output moves when only the last chunk changes
+    context[:, 154:] += 1.0
+    assert rel_err(sdxl.unet(x, t, context, model.build_y(pooled, time_ids)), ours) > 1e-3
+
+
+@torch.no_grad()
 def test_vae_parity(case):
     vae, ref = case["sdxl"].vae, case["oracles"]["vae"]
     g = torch.Generator().manual_seed(3)
@@ -163,6 +183,60 @@ def test_text_encoder_parity(case):
         finally:
             W.data = W.data.T.contiguous()
         assert bad > 0.1
+
+def _chunk_texts(tok, caption, n):
+    """A caption cut by hand into n texts of at most 75 tokens at spaces (a word that does not fit starts the next
+    text; every word here is shorter than 8 tokens); the last text takes all the rest, which the 77-token path
+    truncates, and texts past the caption are empty."""
+    texts, words, used = [], [], 0
+    for w in caption.split(" ") if caption else []:
+        k = len(tok.encode(w))
+        assert 0 < k < 8
+        if used + k > 75 and len(texts) < n - 1:
+            texts.append(" ".join(words))
+            words, used = [], 0
+        words.append(w)
+        used += k
+    texts.append(" ".join(words))
+    return texts + [""] * (n - len(texts))
+
+
+@torch.no_grad()
+def test_long_prompts_encode_each_chunk_alone(tmp_path):
+    """max_token_length 150 / 225 through the real text encoders (cache.encode_captions, which the cache and
+    sample_ablation.encode_prompts use) against an independent computation: each caption cut into texts by hand,
+    each text through the single-row 77-token path, the contexts side by side and pooled from the first. A caption
+    of at most 75 tokens keeps its single-row encoding as the first chunk."""
+    import cache
+    import demo
+    import tokenizer
+    words = ["a", "large", "red", "circle", "on", "blue", "background", "small", "green", "square", "top", "left"]
+    captions = ["", "a red circle on a blue background", ", ".join(words * 3), " ".join(words * 10)]
+    tok = tokenizer.load_tokenizer(demo.build_tiny_vocab(str(tmp_path / "tok"), captions, n_merges=24))
+    lengths = [len(tok.encode(c)) for c in captions]
+    assert lengths[1] <= 75 < lengths[2] <= 150 < 225 < lengths[3]
+    sdxl = model.init_random_(model.SDXL(SDXLConfig.tiny(vocab_size=tok.vocab_size)), seed=3)
+    one = lambda texts: cache.encode_captions(sdxl.encode_text, *tokenizer.tokenize(tok, texts))  # 77 positions
+    single, single_pooled = one(captions)
+    assert single.shape == (4, 77, 192)
+    texts = _chunk_texts(tok, captions[3], 3)
+    assert all(texts) and len(tok.encode(texts[0])) < 75  # a word went whole to the next chunk
+    assert _chunk_texts(tok, captions[1], 3)[1:] == ["", ""]
+    for n in (2, 3):
+        tokens = tokenizer.tokenize(tok, captions, max_token_length=75 * n)
+        context, pooled = cache.encode_captions(sdxl.encode_text, *tokens)
+        assert context.shape == (4, 77 * n, 192) and pooled.shape == (4, 128)
+        for b, caption in enumerate(captions):
+            texts = _chunk_texts(tok, caption, n)
+            parts = [one([t]) for t in texts]  # one text at a time
+            # bit-equal on this CPU; the tolerance is for BLAS libraries whose matmuls round differently at
+            # another batch size
+            torch.testing.assert_close(context[b:b + 1], torch.cat([h for h, _ in parts], dim=1), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(pooled[b:b + 1], parts[0][1], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(context[:2, :77], single[:2], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(pooled[:2], single_pooled[:2], rtol=1e-5, atol=1e-6)
+        assert rel_err(context[3, 77:154], context[0, 77:154]) > 0.01  # a long caption's later chunks hold text
+
 
 # -----------------------------------------------------------------------------
 # full size, on the meta device
