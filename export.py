@@ -96,7 +96,7 @@ def write_diffusers_config(cfg: SDXLConfig, folder, beta_end=0.012, zsnr=False, 
 
 
 RECIPE_KEYS = ("prediction", "beta_start", "beta_end", "zsnr", "weighting", "k", "optimizer", "lr", "beta1", "beta2",
-               "beta1_final", "beta2_final", "max_iters", "batch_size")
+               "beta1_final", "beta2_final", "max_iters", "batch_size", "max_token_length")
 
 
 def export_run(sdxl, out_dir, config, base, global_batch, ema=None, write=True):
@@ -104,7 +104,7 @@ def export_run(sdxl, out_dir, config, base, global_batch, ema=None, write=True):
     optim.EMA), and out_dir/diffusers/. config: train.py's; base: what the run started from. write=False: take
     part without writing (under fsdp every rank gathers each tensor, rank 0 writes)."""
     c = config
-    recipe = {key: c[key] for key in RECIPE_KEYS}
+    recipe = {key: c[key] for key in RECIPE_KEYS if key in c}
     recipe.update(base=base, global_batch=global_batch)
     meta = {"modelspec.title": f"SDXL {c['prediction']}-pred uptrain", "modelspec.date": time.strftime("%Y-%m-%d"),
             "noise_schedule": json.dumps({"beta_start": c["beta_start"], "beta_end": c["beta_end"],

@@ -13,6 +13,7 @@ import torch
 import configurator
 import optim
 import schedule
+import tokenizer as clip_tokenizer
 from configurator import UserError, UserFileNotFound
 
 RUN_FILES = ("ckpt.pt", "ckpt", "model.safetensors")  # a folder holding one of these holds a run
@@ -25,6 +26,7 @@ def check_config(c, world):
         "precision": ("amp", "bf16"), "dtype": ("float32", "bfloat16", "float16"), "crop": ("center", "random"),
         "export_dtype": ("fp16", "bf16", "fp32"), "lr_schedule": ("constant", "cosine"), "parallel": ("ddp", "fsdp"),
         "cache_dtype": ("fp32", "bf16", "fp16"), "ema_device": ("cpu", "cuda"), "compile_scope": ("unet", "blocks"),
+        "max_token_length": clip_tokenizer.MAX_TOKEN_LENGTHS,
         "compile_mode": tuple(torch._inductor.list_mode_options())}, at_least={
         "batch_size": 1, "grad_accum": 1, "max_iters": 1, "log_interval": 1, "ckpt_interval": 0, "eval_interval": 0,
         "eval_items": 1 if c["eval_interval"] else 0, "sample_interval": 0, "warmup_iters": 0, "ramp_iters": 0,
@@ -46,6 +48,8 @@ def check_config(c, world):
                         f"e.g. ((1024, 1024), (832, 1216))")
     if c["wandb_log"] and importlib.util.find_spec("wandb") is None:
         raise UserError("config error: --wandb_log=True needs the wandb package (pip install wandb)")
+    if c["tensorboard_log"] and importlib.util.find_spec("tensorboard") is None:
+        raise UserError("config error: --tensorboard_log=True needs the tensorboard package (pip install tensorboard)")
     if c["sample_interval"] and not c["sample_prompts"]:
         raise UserError("config error: sample_interval needs at least one of sample_prompts")
     if c["parallel"] == "fsdp" and "RANK" not in os.environ:

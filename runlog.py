@@ -1,7 +1,8 @@
 """
 What a training run prints and records as it goes: every log_interval steps one line (loss, lr, Adam betas, grad
 norm, img/s, ms/it, MFU, memory, ETA) and the training batches' MSE per t-bin; the held-out eval (eval.jsonl);
-the same numbers to wandb when asked. The interval's sums stay on the device, so nothing in the training step
+the same numbers (and the preview grids) to wandb or to TensorBoard event files in out_dir/tensorboard/ when
+asked (`tensorboard --logdir out_dir/tensorboard`). The interval's sums stay on the device, so nothing in the training step
 waits for the host; under torchrun they are summed over processes at each line, so the line is the global
 batch's, not rank 0's share.
 """
@@ -15,9 +16,19 @@ import perf
 
 
 class RunLog:
-    def __init__(self, procs, unet_cfg, T, peak_tflops, max_iters, log_interval, out_dir, wandb_run=None):
-        self.procs, self.cfg, self.T, self.peak = procs, unet_cfg, T, peak_tflops
-        self.max_iters, self.interval, self.out_dir, self.wandb = max_iters, log_interval, out_dir, wandb_run
+    def __init__(self, procs, unet_cfg, T, peak_tflops, max_iters, log_interval, out_dir, context_len=77,
+                 wandb_run=None, tensorboard=False):
+        """wandb_run: (project, run name, config) to log to wandb; tensorboard: write event files."""
+        self.procs, self.cfg, self.T, self.peak, self.context_len = procs, unet_cfg, T, peak_tflops, context_len
+        self.tb = None
+        if tensorboard and procs.master:  # (preflight checked that the package is there)
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+        self.max_iters, self.interval, self.out_dir, self.wandb = max_iters, log_interval, out_dir, None
+        if wandb_run and procs.master:  # (lazy: an optional package)
+            import wandb
+            project, name, config = wandb_run
+            self.wandb = wandb.init(project=project, name=name, config=config)
         self.device = procs.device
         self.flops_per_image = {}  # (h, w) of the latents -> model FLOPs of one image's forward + backward
         self.reset()
@@ -41,7 +52,7 @@ class RunLog:
         self.bin_n.index_add_(0, t_bin, torch.ones(b, device=self.device))
         self.imgs += b * world
         if latent_hw not in self.flops_per_image:
-            self.flops_per_image[latent_hw] = perf.unet_flops(self.cfg, *latent_hw)
+            self.flops_per_image[latent_hw] = perf.unet_flops(self.cfg, *latent_hw, context_len=self.context_len)
         self.flops += b * world * self.flops_per_image[latent_hw]
 
     def add_step(self, loss):
@@ -69,9 +80,11 @@ class RunLog:
                   f"{gnorm.item():.3g}, {ips:.2f} img/s, {1000 * elapsed / self.interval:.0f} ms/it, mfu {mfu}, "
                   f"mem {mem}, skipped {skipped}, eta {eta / 60:.1f} min")
             print("  t-bin mse " + " ".join(f"{v:.4f}" if n else "-" for v, n in zip(bins, bin_n)))
+            scalars = {"loss": loss, "lr": lr, "img_s": ips, **{f"mse_bin{i}": v for i, v, n in zip(
+                range(10), bins, bin_n) if n}}
             if self.wandb:
-                self.wandb.log({"iter": step, "loss": loss, "lr": lr, "img_s": ips,
-                                **{f"mse_bin{i}": v for i, v in enumerate(bins)}})
+                self.wandb.log({"iter": step, **scalars})
+            self.scalars("train", scalars, step)
         self.reset()
 
     def eval(self, step, target, bins):
@@ -80,4 +93,17 @@ class RunLog:
             print(f"eval iter {step}: held-out {target}-mse per t-bin " + " ".join(f"{v:.4f}" for v in bins))
             with open(os.path.join(self.out_dir, "eval.jsonl"), "a") as f:
                 f.write(json.dumps({"iter": step, "target": target, "mse_bins": bins}) + "\n")
+            self.scalars("eval", {f"mse_bin{i}": v for i, v in enumerate(bins)}, step)
         self.restart()
+
+    def scalars(self, group, values, step):
+        if self.tb:
+            for name, v in values.items():
+                self.tb.add_scalar(f"{group}/{name}", v, step)
+            self.tb.flush()
+
+    def images(self, step, imgs):
+        """A preview grid (N, 3, H, W) in [-1, 1] to TensorBoard."""
+        if self.tb:
+            self.tb.add_images("preview", (imgs.detach().float().cpu().clamp(-1, 1) + 1) / 2, step)
+            self.tb.flush()

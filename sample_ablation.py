@@ -155,6 +155,7 @@ def preview(sdxl, context, pooled, abar, size, seed, steps, prediction, guidance
     imgs = generate(sdxl, context, pooled, noise.to(dev), abar.to(dev), steps, prediction, guidance, phi, size, size)
     if path:
         save_grid(imgs, 1, n, path)
+    return imgs
 
 
 def render(sdxl, context, pooled, noise, panel_dicts, steps, guidance, phi, height, width, batch_size=4,

@@ -70,6 +70,7 @@ flip = False  # horizontal flip, drawn once per image
 min_pixels = 0  # images with fewer pixels are skipped; bigger ones smaller than their bucket are upscaled (as kohya does); 0 = a quarter of the smallest bucket
 caption_dropout = 0.1  # fraction of samples trained unconditionally (zeroed context and pooled)
 eval_items = 4  # images held out for the per-t-bin eval (taken from the dataset, never trained on)
+max_token_length = 75  # 75 | 150 | 225 caption tokens: 1 | 2 | 3 chunks of 77 positions, as the UIs sample (docs/sdxl_format.md §8)
 cache_dtype = "fp32"  # fp32 | bf16 | fp16: the cached latents and text embeddings (bf16/fp16 halve the disk)
 # the recipe
 batch_size = 4  # per-process micro-batch; global batch = batch_size * grad_accum (or * processes when grad_accum is 1)
@@ -124,6 +125,7 @@ cfg_phi = 0.7  # CFG rescale for previews (Lin et al. §3.4)
 wandb_log = False  # log to wandb (lazy import, master process only)
 wandb_project = "sdxl-vpred"  # wandb project
 wandb_run_name = "vpred"  # wandb run name
+tensorboard_log = False  # loss, lr, img/s, per-t-bin MSE, the held-out eval and previews to out_dir/tensorboard/
 # debugging and tests, not training settings
 debug_compile_backend = "inductor"  # torch.compile backend; the tests use Dynamo's 'eager' (tracing, no codegen)
 debug_nan_at = -1  # make the loss NaN from this iteration on, to exercise the skip path
@@ -287,15 +289,15 @@ load_s += time.time() - t_load
 
 t_cache = time.time()
 cached = cache.build_cache(items, sdxl, tok, cache_dir, device=device, rank=procs.rank, world=procs.world,
-                           group=procs.slow_group, dtype=getattr(torch, {"fp32": "float32", "bf16": "bfloat16",
-                                                                         "fp16": "float16"}[cache_dtype]))
+                           group=procs.slow_group, max_token_length=max_token_length,
+                           dtype={"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cache_dtype])
 loader = data.Loader(train_set, cached, batch_size=batch_size, rank=procs.rank, world=procs.world,
                      seed=seed, caption_dropout=caption_dropout)  # rank 0 prints the bucket histogram
 # after caching, the text encoders are needed only for the preview prompts: encode those, then move the
 # encoders off the GPU (the VAE stays, to decode previews)
 preview_text = None
 if sample_interval and procs.joins_forward:
-    preview_text = sample_ablation.encode_prompts(sdxl, tok, list(sample_prompts), device)
+    preview_text = sample_ablation.encode_prompts(sdxl, tok, list(sample_prompts), device, max_token_length)
 sdxl.te1.to("cpu")
 sdxl.te2.to("cpu")
 cache_s = time.time() - t_cache + data_s
@@ -335,7 +337,8 @@ def evaluate():
 def preview(step):
     unet.eval()
     path = os.path.join(out_dir, "samples", f"iter_{step:06d}.png") if procs.master else None
-    sample_ablation.preview(sdxl, *preview_text, abar, resolution, seed, sample_steps, prediction, guidance, cfg_phi, path)
+    log.images(step, sample_ablation.preview(sdxl, *preview_text, abar, resolution, seed, sample_steps, prediction,
+                                             guidance, cfg_phi, path))
     unet.train()
 
 
@@ -394,14 +397,11 @@ if procs.master:
         "device": torch.cuda.get_device_name(device) if device_type == "cuda" else platform.processor() or "cpu",
         "world_size": procs.world, "ready": {key: round(v, 2) for key, v in ready.items()}, "config": config},
         indent=1, default=str)
-wandb_run = None
-if wandb_log and procs.master:
-    import wandb
-    wandb_run = wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 # -----------------------------------------------------------------------------
 # the training loop
 
-log = runlog.RunLog(procs, sdxl.cfg.unet, T, peak, max_iters, log_interval, out_dir, wandb_run)
+log = runlog.RunLog(procs, sdxl.cfg.unet, T, peak, max_iters, log_interval, out_dir, context_len=77 * max_token_length // 75,
+                    wandb_run=wandb_log and (wandb_project, wandb_run_name, config), tensorboard=tensorboard_log)
 consecutive, steps_ok = 0, 0  # non-finite steps in a row; optimizer steps this process made
 first_iter = iter_num
 signals.training = True  # a signal from here on waits for the step to end and writes the resume state

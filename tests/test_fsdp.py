@@ -1,7 +1,7 @@
 """
 --parallel=fsdp on CPU with 2 processes (torchrun, gloo): the sharded update equals the one-process update at the
 same global batch, 8-bit AdamW on the shards resumes bit for bit from the DCP folder, adamw reshards onto another
-process count, the EMA is its formula, the export loads with model.load_checkpoint, and nothing in the sharded
+process count, the EMA is its formula, the export loads with checkpoint.load_checkpoint, and nothing in the sharded
 checkpoint is unpickled.
 """
 import json
@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoint
 import model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,7 +71,7 @@ def test_sharded_update_equals_one_process(tiny):
     evals = [(d / name / "eval.jsonl").read_text().splitlines() for name in ("one", "fsdp2")]
     assert len(evals[0]) == len(evals[1]) == 1
     assert (d / "fsdp2" / "samples" / "iter_000002.png").stat().st_size > 1000
-    exported = model.load_checkpoint(str(d / "fsdp2" / "model.safetensors"))  # the export reads as any other
+    exported = checkpoint.load_checkpoint(str(d / "fsdp2" / "model.safetensors"))  # the export reads as any other
     assert exported.v_pred and exported.ztsnr
     assert sorted(os.listdir(d / "fsdp2" / "ckpt")) == [".metadata", "__0_0.distcp", "__1_0.distcp", "run.pt"]
 

@@ -71,7 +71,7 @@ def test_eps_zsnr_fails_before_loading():
 def test_long_prompts(tiny_ckpt):
     """max_token_length=225: prompts as three 77-position chunks (a short prompt's first chunk is its single-row
     encoding), sampled through the UNet; a length that is not 75 | 150 | 225 is refused before anything is read."""
-    sdxl = model.load_checkpoint(tiny_ckpt)
+    sdxl = checkpoint.load_checkpoint(tiny_ckpt)
     tok = tokenizer.load_tokenizer(os.path.join(os.path.dirname(tiny_ckpt), "diffusers"))
     prompts = [CAPTIONS[0], ", ".join(CAPTIONS * 12)]
     c75, p75 = SA.encode_prompts(sdxl, tok, prompts, "cpu")

@@ -1,6 +1,7 @@
 """train.py end to end on the tiny config: exact resume, NaN skip, SIGTERM, DDP, schedules, export."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -227,3 +228,36 @@ def test_compiled_run_warms_every_bucket_past_dynamo_limit(tmp_path):
     assert r.stderr.count("Recompiling function forward") == n - 1, "a bucket compiled twice, or inside the loop"
     a, b = ckpt(tmp_path / "eager"), ckpt(tmp_path / "compiled")
     assert all(torch.equal(a["unet"][k], b["unet"][k]) for k in a["unet"])
+    # regional compilation: each ResBlock / TransformerBlock compiled on its own, the same weights as eager; the
+    # time to the first step is printed and recorded
+    r = run(tmp_path / "blocks", common, "--compile=True", "--debug_compile_backend=eager", "--compile_scope=blocks")
+    c = ckpt(tmp_path / "blocks")
+    assert all(torch.equal(a["unet"][k], c["unet"][k]) for k in a["unet"])
+    ready = [l for l in r.stdout.splitlines() if l.startswith("ready in ")]
+    assert len(ready) == 1 and re.fullmatch(r"ready in [\d.]+ s: load [\d.]+ s, cache [\d.]+ s, compile [\d.]+ s, "
+                                            r"other [\d.]+ s", ready[0]), ready
+    rec = json.load(open(tmp_path / "blocks" / "run.json"))["ready"]
+    assert set(rec) == {"load_s", "cache_s", "compile_s", "other_s", "ready_s"} and rec["compile_s"] > 0
+
+
+def test_long_prompts_and_tensorboard(assets, tmp_path):
+    """--max_token_length=225 trains on 231-position contexts (3 whole 77-position chunks, cached as such),
+    previews and records the setting in the export; --tensorboard_log writes the scalars and the preview grids."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    d, common = assets
+    common = [a for a in common if not a.startswith("--cache_dir")] + [f"--cache_dir={tmp_path}/cache"]
+    out = tmp_path / "long"
+    run(out, common, "--max_iters=2", "--max_token_length=225", "--sample_interval=2", "--sample_steps=2",
+        "--eval_interval=2", "--tensorboard_log=True")
+    texts = sorted((tmp_path / "cache" / "text").rglob("*.safetensors"))
+    assert texts and all(load_file(p)["context"].shape[0] == 231 for p in texts)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["training_config"])["max_token_length"] == 225
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()
+    assert {"train/loss", "train/lr", "train/img_s", "eval/mse_bin9"} <= set(tags["scalars"]), tags
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
+    assert "preview" in tags["images"]
