@@ -73,8 +73,8 @@ def test_collector_reads_logs_and_records(tmp_path):
     assert records[3]["peak_gib"] == 20.0 and "24gb: measured again, the last record kept" in notes
 
 
-def run_script(tmp_path, timeout=900, **env):
-    env = dict(os.environ, GPU_DRY_RUN="1", OUT=str(tmp_path / "out"), TMPDIR=str(tmp_path), **env)
+def run_script(tmp_path, timeout=900, out="out", **env):
+    env = dict(os.environ, GPU_DRY_RUN="1", OUT=str(tmp_path / out), TMPDIR=str(tmp_path), **env)
     start = time.monotonic()
     r = subprocess.run(["bash", "tests/gpu/run.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     return r, time.monotonic() - start
@@ -136,10 +136,18 @@ def test_stage_order_failures_and_budget(tmp_path):
     assert len(stages) == 1 and stages[0].startswith("stage 24gb: exit 2 (a user error"), lines
     tail = [l for l in lines if l.startswith("  24gb| ")]  # the failed stage's last log lines
     assert tail[-1].startswith("  24gb| cannot write to ") and "(--record)" in tail[-1], lines
-    r, _ = run_script(tmp_path, STAGES="default_eager compiled", BUDGET="20")
+    # a warm machine's earlier call left a record: it stays in this call's results
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    earlier = {"mode": "24gb", "side": "ours", "device": "cpu", "torch": "2", "img_s": 1.0, "ms_step": 1.0, "mfu": None,
+               "peak_gib": None, "compile_s": 1.0, "command": "python bench.py", "git_sha": "abc"}
+    (keep / "records.jsonl").write_text(json.dumps(earlier) + "\n")
+    r, _ = run_script(tmp_path, out="out2", STAGES="default_eager compiled", BUDGET="20", GPU_KEEP=str(keep))
     lines = r.stdout.splitlines()
     assert "plan: the target stages" in r.stdout  # compiled's cap is past a 20 s budget
     assert [l.split(":")[0] for l in lines if l.startswith("stage ")] == ["stage default_eager", "stage compiled"]
     assert all("skipped" in l for l in lines if l.startswith("stage ")), lines
+    assert "kept from this machine's earlier calls: 1 records" in lines
+    assert [rec["mode"] for rec in json.loads((tmp_path / "out2" / "results.json").read_text())] == ["24gb"]
     r, seconds = run_script(tmp_path, STAGES="compiled bogus")
     assert r.returncode == 2 and "unknown stage bogus" in r.stdout and seconds < 5
