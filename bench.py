@@ -46,47 +46,25 @@ import torch
 
 import checkpoint
 import configurator
+import distributed
 import export
 import model
+import objective
 import optim
 import perf
 import schedule
 
 # -----------------------------------------------------------------------------
-# the train.py keys the step uses (same names and defaults, but init_from: a bench needs no download); train.py's
-# other keys are accepted and ignored (train_keys below), so any training config works here as-is
-out_dir = "out/vpred"  # the profiler traces go here
+# train.py's keys and defaults, read from its source (any training config works here as-is; the keys the step
+# does not use are ignored), then the keys whose bench default differs and the bench's own
+globals().update(configurator.script_defaults(os.path.join(configurator.REPO, "train.py")))
+_config_sources = [os.path.join(configurator.REPO, "train.py")]  # --help shows train.py's comments for its keys
 init_from = "random"  # local sgm file | hf:REPO/FILE | 'random' (full-size SDXL base, random weights)
-tiny_size = False  # init_from missing -> the tiny SDXL-topology model with random weights (nothing is written)
-resolution = 1024  # image side in pixels; latents are resolution/8 square
-batch_size = 4  # images per step (one micro-step is timed; grad_accum is ignored)
-prediction = "v"  # v | eps: the regression target
-beta_start = 0.00085  # scaled-linear betas start
-beta_end = 0.024  # scaled-linear betas end
-zsnr = True  # zero terminal SNR rescale
-weighting = "sigmoid"  # sigmoid | kg_sigmoid | min_snr | none
-k = 5.0  # sigmoid weighting offset
-gamma = 5.0  # min_snr gamma
-optimizer = "adamw8bit"  # adamw8bit (bitsandbytes) | adamw (torch, fused on CUDA) | adafactor (torch)
-lr = 7.5e-6  # learning rate (any value: only the cost is measured)
-beta1 = 0.9  # Adam beta1
-beta2 = 0.95  # Adam beta2
-weight_decay = 0.01  # decoupled, on >= 2-D weights only
-adam_eps = 1e-8  # Adam epsilon
-grad_clip = 1.0  # clip the global grad norm (in the optimizer phase, as train.py); 0 = off
-device = "cuda" if torch.cuda.is_available() else "cpu"  # cuda | cpu | cuda:N
-dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # compute dtype (autocast)
-precision = "amp"  # amp: fp32 master weights + autocast; bf16: pure bf16 weights
-compile = torch.cuda.is_available()  # torch.compile the UNet (both UNets under --compare)
-grad_ckpt = False  # per-block gradient checkpointing (diffusers: enable_gradient_checkpointing)
-seed = 1337  # weights and inputs
-peak_tflops = 0.0  # device peak for MFU; 0 = look up the device table
 # bench only
 model_size = "auto"  # auto (init_from / tiny_size decide) | tiny | full (tiny and full use random weights)
 width = 0  # random models: model_channels override (the full topology's 1680 tensors at a CPU size); 0 = as built
 compare = ""  # '' | 'diffusers': also time diffusers' UNet2DConditionModel on the identical step
 compile_diffusers = True  # False: leave diffusers' UNet eager even with compile=True (saves one compile)
-compile_mode = "default"  # torch.compile mode for both UNets: default | max-autotune-no-cudagraphs | ...
 sdpa = ""  # '' = torch's choice | flash | cudnn | efficient | math: allow only that attention backend (CUDA)
 channels_last = torch.cuda.is_available()  # channels_last memory format for both UNets (cuDNN convs)
 warmup = 3  # untimed steps after the first (compiling) step
@@ -103,30 +81,12 @@ TARGET_RATIO = 1.3  # ours / diffusers, the identical step with the same compile
 TARGET_24GB_GIB = 21.0  # 24 GB mode (pure bf16 + per-block checkpointing, batch 1): allocated peak, room left on a 24 GB card
 
 
-def train_keys():
-    """train.py's config keys and literal defaults (None where the default is an expression), read from its
-    source without running it: the keys a training config may set that the bench ignores."""
-    import ast
-    keys = {}
-    for node in ast.parse(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")).read()).body:
-        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
-            if ast.unparse(node.value).startswith("configurator.configure"):
-                break
-            try:
-                keys[node.targets[0].id] = ast.literal_eval(node.value)
-            except (ValueError, TypeError, SyntaxError):
-                keys[node.targets[0].id] = None
-    return keys
-
-
-for _key, _default in train_keys().items():
-    globals().setdefault(_key, _default)
 config = configurator.configure(globals())
 configurator.check(config, choices={
     "prediction": ("v", "eps"), "weighting": schedule.WEIGHTINGS, "optimizer": optim.OPTIMIZERS,
     "precision": ("amp", "bf16"), "dtype": ("float32", "bfloat16", "float16"), "model_size": ("auto", "tiny", "full"),
     "compare": ("", "diffusers"), "sdpa": ("", "flash", "cudnn", "efficient", "math"),
-    "compile_mode": tuple(torch._inductor.list_mode_options())}, at_least={
+    "compile_mode": tuple(torch._inductor.list_mode_options()), "compile_scope": distributed.SCOPES}, at_least={
     "resolution": 32, "batch_size": 1, "width": 0, "warmup": 0, "iters": 1, "rounds": 1, "threads": 0,
     "peak_tflops": 0, "lr": 0, "weight_decay": 0, "adam_eps": 0, "grad_clip": 0, "gamma": 0}, within={
     "beta1": (0, 1), "beta2": (0, 1), "beta_start": (0, 1), "beta_end": (beta_start, 1), "k": (-math.inf, math.inf)})
@@ -218,19 +178,32 @@ def equivalence(ours, theirs):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     b = {k: v[:1] for k, v in batch.items()}
     t = torch.full((1,), T // 2, device=device)
-    z = schedule.add_noise(b["x0"], torch.randn_like(b["x0"]), t, abar)
-    a, c = call_ours(ours, z, t, b), call_diffusers(theirs, z, t, b)
+    z = loss_fn.noised(b["latents"], torch.randn_like(b["latents"]), t)
+    y = model.build_y(b["pooled"], b["time_ids"])
+    a, c = ours(z, t, b["context"], y), call_diffusers(theirs, z, t, b["context"], b["pooled"], b["time_ids"])
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     return ((a - c).norm() / c.norm()).item()
 
 
-def call_ours(net, z, t, b):  # y built every step, as train.py does and as diffusers does inside its forward
-    return net(z, t, b["context"], model.build_y(b["pooled"], b["time_ids"]))
+def call_diffusers(net, z, t, context, pooled, time_ids):
+    return net(z, t, encoder_hidden_states=context, return_dict=False,
+               added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids})[0]
 
 
-def call_diffusers(net, z, t, b):  # the same y, built inside diffusers from (pooled, time_ids)
-    return net(z, t, encoder_hidden_states=b["context"], return_dict=False,
-               added_cond_kwargs={"text_embeds": b["pooled"], "time_ids": b["time_ids"]})[0]
+class AsOurs(torch.nn.Module):
+    """diffusers' UNet2DConditionModel called as the objective calls ours, net(z, t, context, y). diffusers builds
+    y inside its forward from (pooled, time_ids): it gets y's pooled part and the bench batch's size/crop values
+    (the same for the whole run), and so pays once more for the few small ops of our y."""
+
+    def __init__(self, net, time_ids):
+        super().__init__()
+        self.net, self.time_ids, self.config = net, time_ids, net.config
+
+    def forward(self, z, t, context, y):
+        return call_diffusers(self.net, z, t, context, y[:, :y.shape[1] - 6 * model.TIME_ID_DIM], self.time_ids)
+
+    def enable_gradient_checkpointing(self):
+        self.net.enable_gradient_checkpointing()
 
 
 def make_optimizer(params):  # as train.py, for both sides
@@ -238,7 +211,7 @@ def make_optimizer(params):  # as train.py, for both sides
                                     fused=device_type == "cuda", seed=seed)
 
 
-def make_side(name, net, call, compiled):
+def make_side(name, net, compiled):
     net.train().requires_grad_(True).to(wdtype)
     if channels_last:
         net.to(memory_format=torch.channels_last)
@@ -247,14 +220,19 @@ def make_side(name, net, call, compiled):
             net.grad_ckpt = True
         else:
             net.enable_gradient_checkpointing()
-    return {"name": name, "net": net, "call": call, "compiled": compiled, "opt": None, "fwd": None, "times": []}
+    return {"name": name, "net": net, "compiled": compiled, "opt": None, "fwd": None, "times": []}
 
 
 def start(side):
     """Optimizer + compile wrapper (built here so that a parked model is on the device first), first step, warm-up."""
-    # ours must compile without graph breaks (fullgraph); diffusers' UNet is compiled as it comes
-    side["fwd"] = (torch.compile(side["net"], fullgraph=side["name"] == "ours", mode=compile_mode)
-                   if side["compiled"] else side["net"])
+    # ours as train.py compiles it (scope, backend, mode; no graph breaks); diffusers' UNet whole, as it comes
+    if not side["compiled"]:
+        side["fwd"] = side["net"]
+    elif side["name"] == "ours":
+        side["fwd"] = distributed.compile_unet(side["net"], compile_scope, 1, fullgraph=True,
+                                               backend=debug_compile_backend, mode=compile_mode)
+    else:
+        side["fwd"] = torch.compile(side["net"], backend=debug_compile_backend, mode=compile_mode)
     side["opt"] = make_optimizer([p for p in side["net"].parameters() if p.requires_grad])
     if device_type == "cuda":
         torch.cuda.synchronize()
@@ -275,8 +253,7 @@ def start(side):
 
 abar = schedule.alphas_cumprod(beta_end, zsnr, beta_start).to(device)  # float64, cast at use
 T = len(abar)
-# m(t) for every t, on the device: w = wtab[t] needs no host sync (loss_weight indexes on the CPU)
-wtab = schedule.loss_weight(torch.arange(T), abar.cpu(), weighting, k, gamma).to(device)
+loss_fn = objective.Objective(abar, prediction, weighting, k, gamma, amp, channels_last)  # train.py's step
 
 
 def clock():
@@ -294,12 +271,7 @@ def ms(a, b):
 def step(side, marks):
     marks.append(clock())
     t = torch.randint(0, T, (batch_size,), device=device)
-    noise = torch.randn_like(batch["x0"])
-    z = schedule.add_noise(batch["x0"], noise, t, abar)
-    target = schedule.v_target(batch["x0"], noise, t, abar) if prediction == "v" else noise
-    with amp:
-        out = side["call"](side["fwd"], z, t, batch)
-    loss = (wtab[t] * (out.float() - target.float()).pow(2).mean(dim=(1, 2, 3))).mean()
+    loss, _ = loss_fn(side["fwd"], batch, t, torch.randn_like(batch["latents"]))
     marks.append(clock())
     loss.backward()
     marks.append(clock())
@@ -328,15 +300,17 @@ def window(side):
         side["times"].append([ms(a, b) for a, b in zip(m, m[1:])] + [ms(m[0], m[4])])  # fwd bwd clip opt total
 
 
-def count_flops(net, call):
+def count_flops(net):
     """Forward + backward FLOPs of one step at the real shape, on the meta device (nothing is allocated)."""
     from torch.utils.flop_counter import FlopCounterMode
     b = {k: torch.empty(v.shape, device="meta") for k, v in batch.items()}  # fp32, as the meta model
     with torch.device("meta"):
-        m = model.UNet(net.cfg) if isinstance(net, model.UNet) else type(net).from_config(net.config)
+        m = model.UNet(net.cfg) if isinstance(net, model.UNet) else AsOurs(type(net.net).from_config(net.config),
+                                                                            b["time_ids"])
         t = torch.zeros(batch_size, dtype=torch.long)
         with FlopCounterMode(display=False) as fc:
-            call(m, b["x0"], t, b).float().pow(2).mean().backward()
+            y = model.build_y(b["pooled"], b["time_ids"])
+            m(b["latents"], t, b["context"], y).float().pow(2).mean().backward()
     return fc.get_total_flops()
 
 
@@ -397,26 +371,27 @@ ucfg = unet.cfg
 h = w = resolution // 8
 assert h % 4 == 0, f"resolution {resolution} must be a multiple of 32 (latents / 4 after two downsamples)"
 g = torch.Generator(device="cpu").manual_seed(seed)
-batch = {"x0": torch.randn(batch_size, ucfg.in_channels, h, w, generator=g),  # cached latents (model scale)
+batch = {"latents": torch.randn(batch_size, ucfg.in_channels, h, w, generator=g),  # cached (model scale)
          "context": torch.randn(batch_size, 77, ucfg.context_dim, generator=g),  # cat(CLIP-L, bigG) hidden
          "pooled": torch.randn(batch_size, ucfg.adm_in_channels - 6 * model.TIME_ID_DIM, generator=g),
          "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * batch_size).float()}
 batch = {k: v.to(device) for k, v in batch.items()}
-nets = [("ours", unet, call_ours, compile)]
+nets = [("ours", unet, compile)]
 if compare:
     theirs = build_diffusers(unet)  # on our device
-    nets.append(("diffusers", theirs, call_diffusers, compile and compile_diffusers))
     err = equivalence(unet, theirs)
     print(f"equivalence: forward rel err {err:.2e} vs diffusers in fp32 (tol 1e-4): {'ok' if err <= 1e-4 else 'FAIL'}")
 batch = {k: v.to(wdtype if k != "time_ids" else torch.float32) for k, v in batch.items()}
 if channels_last:
-    batch["x0"] = batch["x0"].contiguous(memory_format=torch.channels_last)
+    batch["latents"] = batch["latents"].contiguous(memory_format=torch.channels_last)
+if compare:
+    nets.append(("diffusers", AsOurs(theirs, batch["time_ids"]), compile and compile_diffusers))
 sides = [make_side(*n) for n in nets]
 SHA = perf.git_sha()
 signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # a time limit: a clean exit, 143
 
 for s in sides:
-    s["flops"] = count_flops(s["net"], s["call"]) / batch_size
+    s["flops"] = count_flops(s["net"]) / batch_size
     print(f"{s['name']}: {s['flops']:.6e} FLOP per image (fwd+bwd, counted on meta)")
 
 alternate = device_type == "cpu"  # both trainers fit in RAM; on a GPU two SDXL trainers (weights+grads+state) do not

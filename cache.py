@@ -7,9 +7,10 @@ computed once, before training, and read back from disk (and RAM) by the loader.
 
 Files: cache_dir/latents/ab/<key>.safetensors holds the VAE encoder mean (fp32 VAE, unscaled; x VAE_SCALE when a
 batch is built), keyed by (image bytes, bucket, resize, crop, flip, VAE fingerprint); cache_dir/text/ab/<key>
-holds (context, pooled), keyed by (te1 ids, te2 ids, text-encoder fingerprint): token ids rather than caption
-text, so a tokenizer change invalidates and equal captions share one file. A changed input is a new key (stale
-files are never read); corrupt files (unreadable, wrong shape, NaN/inf) are found at build time and recomputed.
+holds (context, pooled), keyed by (te1 ids, te2 ids, text-encoder fingerprint, max_token_length): token ids
+rather than caption text, so a tokenizer change invalidates and equal captions share one file. A changed input
+is a new key (stale files are never read); corrupt files (unreadable, wrong shape, NaN/inf) are found at build
+time and recomputed.
 A cached batch equals one encoded on the fly, bit for bit when the encoders' output does not depend on the
 batch they run in. Under DDP each rank encodes its share of the missing entries.
 """
@@ -26,7 +27,7 @@ from safetensors.torch import load_file, save_file
 import data
 import files
 from configurator import UserError
-from tokenizer import tokenize
+from tokenizer import CONTEXT_LENGTH, token_chunks, tokenize
 
 # -----------------------------------------------------------------------------
 # running the frozen encoders (always in fp32: the SDXL VAE overflows in fp16)
@@ -60,8 +61,18 @@ def encode_images(vae, items, device="cpu", pool=None):
 
 
 def encode_captions(encode_text, tokens1, tokens2, device="cpu"):
+    """tokens [B, 77 n] (tokenizer.tokenize) -> (context [B, 77 n, D], pooled [B, P]), fp32, on the CPU.
+    encode_text takes 77-token rows: each 77-position chunk is encoded on its own (all chunks in one call), the
+    contexts are concatenated in order, and pooled is the first chunk's, as A1111 and ComfyUI do
+    (docs/sdxl_format.md §8). n = 1 is SDXL's single row."""
+    B, L = tokens1.shape
+    n = L // CONTEXT_LENGTH
+    assert L == n * CONTEXT_LENGTH and n >= 1 and tokens2.shape == tokens1.shape, (tokens1.shape, tokens2.shape)
     with torch.no_grad(), torch.autocast(torch.device(device).type, enabled=False):
-        context, pooled = encode_text(tokens1.to(device), tokens2.to(device))
+        context, pooled = encode_text(tokens1.reshape(B * n, CONTEXT_LENGTH).to(device),
+                                      tokens2.reshape(B * n, CONTEXT_LENGTH).to(device))
+    # rows are caption-major (caption b's chunks are rows b n .. b n + n - 1), so a reshape puts them side by side
+    context, pooled = context.reshape(B, n * CONTEXT_LENGTH, -1), pooled.reshape(B, n, -1)[:, 0]
     return context.float().cpu(), pooled.float().cpu()
 
 
@@ -96,19 +107,22 @@ def _latent_key(item, vae_fp, dtype=torch.float32):
     return data.hash_bytes((spec + ("" if dtype == torch.float32 else f"|{dtype}")).encode())
 
 
-def _text_key(t1, t2, text_fp, dtype=torch.float32):
-    # keyed by the token ids rather than the caption: a tokenizer change invalidates, equal tokens share
+def _text_key(t1, t2, text_fp, dtype=torch.float32, max_token_length=75):
+    # keyed by the token ids rather than the caption: a tokenizer change invalidates, equal tokens share. The
+    # long-prompt layout is named too (its ids are longer anyway), and 75 keeps the keys caches already have.
     spec = b"text v1|" + t1.numpy().tobytes() + b"|" + t2.numpy().tobytes() + b"|" + text_fp.encode()
-    return data.hash_bytes(spec + (b"" if dtype == torch.float32 else f"|{dtype}".encode()))
+    layout = b"" if max_token_length == 75 else f"|chunks {token_chunks(max_token_length)}x77".encode()
+    return data.hash_bytes(spec + layout + (b"" if dtype == torch.float32 else f"|{dtype}".encode()))
 
 
 class Cache:
     """Cached VAE means (unscaled) and text embeddings of a list of items, the first RAM_GB of them kept in RAM.
 
     Files: cache_dir/latents/ab/<key>.safetensors ("mean" [C, h, w]) and cache_dir/text/ab/<key>.safetensors
-    ("context" [77, D], "pooled" [P]), stored as `dtype` (fp32; bf16 or fp16 halve disk and RAM, load() casts
-    back to fp32), keys from _latent_key / _text_key. A key that changes (new image bytes, bucket, crop, flip,
-    weights, tokens, dtype) names a new file, so stale entries are never read.
+    ("context" [77 n, D], "pooled" [P]; n = max_token_length / 75 chunks), stored as `dtype` (fp32; bf16 or fp16
+    halve disk and RAM, load() casts back to fp32), keys from _latent_key / _text_key. A key that changes (new
+    image bytes, bucket, crop, flip, weights, tokens, max_token_length, dtype) names a new file, so stale entries
+    are never read.
     """
 
     def __init__(self, cache_dir, lat_keys, txt_keys, dtype=torch.float32):
@@ -168,7 +182,7 @@ class Cache:
         return got
 
     def load(self, items):
-        """-> (mean [B, C, h, w] unscaled, context [B, 77, D], pooled [B, P]), fp32, new tensors (not the cache's)."""
+        """-> (mean [B, C, h, w] unscaled, context [B, 77 n, D], pooled [B, P]), fp32, new tensors (not the cache's)."""
         lat = [self.read("latents", self.lat_keys[it.index])["mean"] for it in items]
         txt = [self.read("text", self.txt_keys[it.index]) for it in items]
         return (torch.stack(lat).float(), torch.stack([t["context"] for t in txt]).float(),
@@ -210,17 +224,19 @@ def check_dir(cache_dir, items):
 
 
 def build_cache(items, encoders, tokenizer, cache_dir, device="cpu", batch_size=8, rank=0, world=1, vae_fp=None,
-                text_fp=None, verify=True, workers=8, group=None, dtype=torch.float32):
+                text_fp=None, verify=True, workers=8, group=None, dtype=torch.float32, max_token_length=75):
     """Make sure every item's VAE mean and text embedding is cached; return the Cache.
 
     encoders: the SDXL model (or a stand-in) with .vae.encode(img [B,3,H,W] in [-1,1]) -> (mean, logvar) and
-    .encode_text(tokens1, tokens2) -> (context [B,77,D], pooled [B,P]). vae_fp / text_fp default to
+    .encode_text(tokens1, tokens2) -> (context [B,77,D], pooled [B,P]) on 77-token rows. vae_fp / text_fp default to
     weights_fingerprint(encoders.vae) and weights_fingerprint(encoders.te1, encoders.te2).
     The steps: (1) the key of every entry; (2) which files are missing or corrupt (verify=True reads each file
     fully, False only its header); (3) those are encoded, latents in same-bucket batches of batch_size, captions
     in batches of 4x that, each rank its share; (4) under DDP, what another rank failed to write is encoded here.
     group: the process group the ranks wait on each other in (one with a long timeout: a rank may encode for
     hours while the others wait). dtype: what the entries are stored as (fp32; bf16 or fp16 halve the disk).
+    max_token_length: 75 | 150 | 225 caption tokens, cached as 1 | 2 | 3 chunks of 77 positions (encode_captions);
+    part of the text keys, so entries made at one length are never read at another.
     """
     cache_dir = check_dir(cache_dir, items)
     distributed = world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -230,16 +246,17 @@ def build_cache(items, encoders, tokenizer, cache_dir, device="cpu", batch_size=
     vae_fp, text_fp = _fingerprints(encoders, vae_fp, text_fp)
 
     # 1. keys: one latent entry per (image, plan), one text entry per distinct token pair
-    tokens1, tokens2 = tokenize(tokenizer, [it.caption for it in items])
+    tokens1, tokens2 = tokenize(tokenizer, [it.caption for it in items], max_token_length=max_token_length)
     cache = Cache(cache_dir, {it.index: _latent_key(it, vae_fp, dtype) for it in items},
-                  {it.index: _text_key(tokens1[i], tokens2[i], text_fp, dtype) for i, it in enumerate(items)}, dtype)
+                  {it.index: _text_key(tokens1[i], tokens2[i], text_fp, dtype, max_token_length)
+                   for i, it in enumerate(items)}, dtype)
     images, captions = {}, {}  # key -> what to encode
     for i, it in enumerate(items):
         images.setdefault(cache.lat_keys[it.index], it)
         captions.setdefault(cache.txt_keys[it.index], (tokens1[i], tokens2[i]))
 
     # 2. what is missing or corrupt, against the shapes one tiny probe of each encoder gives
-    channels, factor, text_shapes = _output_shapes(vae, encode_text, tokenizer, device)
+    channels, factor, text_shapes = _output_shapes(vae, encode_text, tokenizer, device, max_token_length)
     lat_shapes = {k: {"mean": (channels, it.bucket[0] // factor, it.bucket[1] // factor)} for k, it in images.items()}
     lat_todo = _todo(cache, "latents", lat_shapes, verify)
     txt_todo = _todo(cache, "text", dict.fromkeys(captions, text_shapes), verify)
@@ -272,12 +289,13 @@ def build_cache(items, encoders, tokenizer, cache_dir, device="cpu", batch_size=
     return cache
 
 
-def _output_shapes(vae, encode_text, tokenizer, device):
+def _output_shapes(vae, encode_text, tokenizer, device, max_token_length=75):
     """(latent channels, VAE downsampling factor, text entry shapes), from one 64x64 image and one caption."""
     probe = torch.zeros(1, 3, 64, 64, device=device)
     with torch.no_grad(), torch.autocast(torch.device(device).type, enabled=False), _fp32(vae):
         z = vae.encode(probe)[0]
-    context, pooled = encode_captions(encode_text, *tokenize(tokenizer, [""]), device=device)
+    context, pooled = encode_captions(encode_text, *tokenize(tokenizer, [""], max_token_length=max_token_length),
+                                      device=device)
     return z.shape[1], 64 // z.shape[-1], {"context": tuple(context.shape[1:]), "pooled": tuple(pooled.shape[1:])}
 
 

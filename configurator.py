@@ -77,15 +77,35 @@ def config_keys(g):
 
 
 def _comments(path):
-    """`name = value  # comment` lines of the calling script, for --help."""
-    out = {}
+    """{key: (comment, section)} from a script's `name = value  # comment` lines; the section is the last
+    `# heading` line above the key (--help prints the keys under their headings)."""
+    out, section = {}, ""
     try:
         for line in open(path, encoding="utf-8"):
+            heading = re.match(r"^# ([a-zA-Z].*)$", line)
+            if heading:
+                section = heading.group(1).strip()
             m = re.match(r"^(\w+)\s*=.*?#\s*(.*)$", line)
             if m and m.group(1) not in out:
-                out[m.group(1)] = m.group(2).strip()
-    except OSError:
+                out[m.group(1)] = (m.group(2).strip(), section)
+    except (OSError, UnicodeDecodeError):
         pass
+    return out
+
+
+def script_defaults(path):
+    """Another script's config keys and defaults (train.py's, for bench.py), read from its source without running
+    it: each `key = expression` before its configure() call is evaluated with only torch in scope."""
+    import torch
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    out = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            if ast.unparse(node.value).startswith("configurator.configure"):
+                break
+            if node.targets[0].id.startswith("_"):  # not a config key
+                continue
+            out[node.targets[0].id] = eval(compile(ast.Expression(node.value), path, "eval"), {"torch": torch})
     return out
 
 
@@ -130,11 +150,18 @@ def _find_file(arg):
 
 def _help(g, keys):
     script = os.path.basename(g.get("__file__", "script.py"))
-    notes = _comments(g.get("__file__", ""))
+    notes = {}
+    for path in [*g.get("_config_sources", ()), g.get("__file__", "")]:  # later files win
+        notes.update(_comments(path))
     print(f"usage: python {script} [config/FILE.py ...] [--key=value ...]   (later arguments win)")
     width = max(len(k) + len(repr(g[k])) for k in keys) + 4
-    for k in keys:
-        print(f"  --{k}={g[k]!r}".ljust(width + 2) + (f"  # {notes[k]}" if k in notes else ""))
+    section = None
+    for k in sorted(keys, key=lambda k: "debug" in notes.get(k, ("", ""))[1]):  # debugging keys last, apart
+        comment, heading = notes.get(k, ("", ""))
+        if heading != section:
+            print(f"# {heading}" if heading else "")
+            section = heading
+        print(f"  --{k}={g[k]!r}".ljust(width + 2) + (f"  # {comment}" if comment else ""))
 
 
 def configure(g, argv=None, exit_on_error=None):

@@ -12,7 +12,6 @@ decoding, and a deterministic, resumable, DDP-aware batch loader over the encode
 Crop and flip are decided once per image at scan time, from (seed, relative path): the cache key contains
 them, so a fixed choice makes the cache reusable across runs and epochs (kohya's sd-scripts does the same with
 cached latents). The price is no fresh crop/flip per epoch; with flip=True a fixed random half is mirrored.
-The tokenizer lives in tokenizer.py; its public names stay importable from here (data.CLIPTokenizer, ...).
 """
 import atexit
 import hashlib
@@ -33,7 +32,6 @@ from PIL import Image, ImageOps
 
 from configurator import UserError, UserFileNotFound
 from model import VAE_SCALE
-from tokenizer import CLIPTokenizer, load_tokenizer  # noqa: F401 (public names, kept importable here)
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -318,7 +316,8 @@ def collate(items, source, dropped=None):
     dropped. Dropped samples get zeroed context and pooled (the sampler's unconditional branch)."""
     dropped = torch.zeros(len(items), dtype=torch.bool) if dropped is None else dropped
     # load() returns freshly stacked tensors (never the cached ones), so in-place edits are safe and save
-    # a copy of the biggest tensor in the batch (context is 77x2048 floats per image in SDXL)
+    # a copy of the biggest tensor in the batch (context is 77x2048 floats per image in SDXL, 231x2048 at
+    # max_token_length 225)
     mean, context, pooled = source.load(items)
     context[dropped] = 0.0
     pooled[dropped] = 0.0
@@ -345,9 +344,9 @@ class Loader:
     whole global batch from a torch.Generator that is part of state_dict(), so every rank agrees and resume
     is exact.
 
-    source: a Cache (from build_cache) or OnTheFly, anything with .load(items) -> (mean, context, pooled) that
+    source: a cache.Cache (from build_cache), or anything with .load(items) -> (mean, context, pooled) that
     returns new tensors (they are edited in place).
-    Batches: latents [B,C,h,w] fp32 (mean * VAE_SCALE), context [B,77,D], pooled [B,P] (both zero where
+    Batches: latents [B,C,h,w] fp32 (mean * VAE_SCALE), context [B,77n,D], pooled [B,P] (both zero where
     dropped), time_ids [B,6] = (orig_h, orig_w, crop_top, crop_left, target_h, target_w), index [B] (item
     ids), dropped [B] bool.
     """
@@ -398,10 +397,6 @@ class Loader:
         self.position += 1
         items = [self.items[p] for p in slots[r * B:(r + 1) * B]]
         return collate(items, self.source, drop[r * B:(r + 1) * B])
-
-    def __iter__(self):
-        while True:
-            yield self.next_batch()
 
     def state_dict(self):
         return {"epoch": self.epoch, "position": self.position, "dropout_rng": self.gen.get_state(),

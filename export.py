@@ -1,16 +1,24 @@
 """
-The diffusers config folder written next to an exported single file, so that
+What a finished run leaves for others (export_run): model.safetensors in the sgm single-file layout with the
+v_pred/ztsnr markers and the recipe as metadata (checkpoint.py), model_ema.safetensors when an EMA was kept, and
+the diffusers config folder written next to them, so that
 
     StableDiffusionXLPipeline.from_single_file("out/vpred/model.safetensors", config="out/vpred/diffusers",
                                                local_files_only=True)
 
 loads it offline with the right scheduler: no UI can read beta_end 0.024 or zero terminal SNR from the file
-itself (docs/sdxl_format.md §6). Only JSON is written; diffusers is never imported.
+itself (docs/sdxl_format.md §6). Only safetensors and JSON are written; diffusers is never imported.
 """
 import json
 import os
+import time
+from contextlib import nullcontext
 
+import torch
+
+import checkpoint
 import files
+import tokenizer as clip_tokenizer
 from model import TIME_ID_DIM, VAE_SCALE, SDXLConfig, UNetConfig
 
 
@@ -85,3 +93,32 @@ def write_diffusers_config(cfg: SDXLConfig, folder, beta_end=0.012, zsnr=False, 
                                                       "do_lower_case": True, **special}
     for name, content in configs.items():
         files.write_json(os.path.join(folder, name), content, indent=2)
+
+
+RECIPE_KEYS = ("prediction", "beta_start", "beta_end", "zsnr", "weighting", "k", "optimizer", "lr", "beta1", "beta2",
+               "beta1_final", "beta2_final", "max_iters", "batch_size")
+
+
+def export_run(sdxl, out_dir, config, base, global_batch, ema=None, write=True):
+    """out_dir/model.safetensors (sgm layout, markers, metadata), model_ema.safetensors with the EMA weights (an
+    optim.EMA), and out_dir/diffusers/. config: train.py's; base: what the run started from. write=False: take
+    part without writing (under fsdp every rank gathers each tensor, rank 0 writes)."""
+    c = config
+    recipe = {key: c[key] for key in RECIPE_KEYS}
+    recipe.update(base=base, global_batch=global_batch)
+    meta = {"modelspec.title": f"SDXL {c['prediction']}-pred uptrain", "modelspec.date": time.strftime("%Y-%m-%d"),
+            "noise_schedule": json.dumps({"beta_start": c["beta_start"], "beta_end": c["beta_end"],
+                                          "beta_schedule": "scaled_linear", "zsnr": c["zsnr"],
+                                          "timestep_spacing": "trailing", "num_train_timesteps": 1000}),
+            "training_config": json.dumps(recipe)}
+    out_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[c["export_dtype"]]
+    for name, weights in (("model", nullcontext()), ("model_ema", ema and ema.swapped())):
+        if weights is not None:
+            with weights:
+                checkpoint.save_checkpoint(sdxl, os.path.join(out_dir, f"{name}.safetensors"), dtype=out_dtype,
+                                           v_pred=c["prediction"] == "v", ztsnr=c["zsnr"], metadata=meta, write=write)
+    if write:
+        tok_dir = clip_tokenizer.tokenizer_folder(c["tokenizer"])
+        write_diffusers_config(sdxl.cfg, os.path.join(out_dir, "diffusers"), beta_end=c["beta_end"], zsnr=c["zsnr"],
+                               prediction=c["prediction"], tokenizer_dirs=(tok_dir, tok_dir), beta_start=c["beta_start"])
+        print(f"exported {out_dir}/model.safetensors{'' if ema is None else ', model_ema.safetensors'} and diffusers/")

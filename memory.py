@@ -25,7 +25,9 @@ from torch.utils._pytree import tree_map
 
 import configurator
 import model
+import objective
 import optim
+import schedule
 import sharding
 
 # -----------------------------------------------------------------------------
@@ -106,13 +108,15 @@ def saved_activations(unet, batch, h, w, cast=None, device="meta"):
             saved[key] = (n, where[0])
         return t
     with torch.device(device):
-        x, target = torch.randn(batch, cfg.in_channels, h, w), torch.randn(batch, cfg.out_channels, h, w)
-        t, context = torch.randint(0, 1000, (batch,)), torch.randn(batch, 77, cfg.context_dim)
-        y = torch.randn(batch, cfg.adm_in_channels)
+        data = {"latents": torch.randn(batch, cfg.in_channels, h, w), "context": torch.randn(batch, 77, cfg.context_dim),
+                "pooled": torch.randn(batch, cfg.adm_in_channels - 6 * model.TIME_ID_DIM),
+                "time_ids": torch.randn(batch, 6)}
+        t, noise = torch.randint(0, 1000, (batch,)), torch.randn(batch, cfg.in_channels, h, w)
     cast = MetaAutocast() if cast is None else cast
+    loss_fn = objective.Objective(schedule.alphas_cumprod(0.024, True).to(device), autocast=cast)  # train.py's loss
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), cast:
-            (unet(x, t, context, y).float() - target).pow(2).mean()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss_fn(unet, data, t, noise)
     finally:
         for hook in hooks:
             hook.remove()

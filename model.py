@@ -2,11 +2,11 @@
 SDXL base 1.0 in plain PyTorch: UNet, VAE and the two text encoders, with parameter names that ARE the
 names in the single-file sgm checkpoint (`sd_xl_base_1.0.safetensors`).
 
-    sdxl = load_checkpoint("sd_xl_base_1.0.safetensors", device="cuda", dtype=torch.bfloat16)   # checkpoint.py
+    sdxl = checkpoint.load_checkpoint("sd_xl_base_1.0.safetensors", device="cuda", dtype=torch.bfloat16)
     context, pooled = sdxl.encode_text(tokens1, tokens2)     # (B, 77, 2048), (B, 1280)
     y = build_y(pooled, time_ids)                             # (B, 2816); time_ids (B, 6) = (h, w, top, left, h, w)
     out = sdxl.unet(z, t, context, y)                         # (B, 4, h, w)
-    save_checkpoint(sdxl, "out/model.safetensors", v_pred=True, ztsnr=True)                     # checkpoint.py
+    checkpoint.save_checkpoint(sdxl, "out/model.safetensors", v_pred=True, ztsnr=True)
 
 Because `SDXL().state_dict()` keys are the file's keys, loading and saving are a shape check and a copy, not a
 converter (the idea of kohya-ss sd-scripts' sdxl_original_unet.py). Every size is a dataclass field that
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint as recompute  # (checkpoint.py is the single-file reader)
 
 VAE_SCALE = 0.13025  # SDXL latent scale (no shift): the UNet sees mean * VAE_SCALE; decode z / VAE_SCALE
 TIME_ID_DIM = 256    # width of each of the 6 size/crop embeddings in y
@@ -160,7 +160,8 @@ class CrossAttention(nn.Module):
         self.to_v = nn.Linear(context_dim, dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(dim, dim))
 
-    def forward(self, x, context=None):  # x (B, T, dim), context (B, 77, context_dim) or None = self-attention
+    def forward(self, x, context=None):  # x (B, T, dim), context (B, S, context_dim) or None = self-attention
+        # S is any length: 77 for one prompt chunk, 77 n for long prompts (docs/sdxl_format.md §8)
         context = x if context is None else context
         return self.to_out(attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads))
 
@@ -281,11 +282,11 @@ class UNet(nn.Module):
 
     def _run(self, block, h, emb, context):
         if self.grad_ckpt and torch.is_grad_enabled():
-            return checkpoint(block, h, emb, context, use_reentrant=False)
+            return recompute(block, h, emb, context, use_reentrant=False)
         return block(h, emb, context)
 
     def forward(self, x, t, context, y):
-        """x (B, 4, h, w) noisy latents, t (B,) DDPM index, context (B, 77, ctx), y (B, adm) -> (B, 4, h, w).
+        """x (B, 4, h, w) noisy latents, t (B,) DDPM index, context (B, 77 n, ctx), y (B, adm) -> (B, 4, h, w).
         h and w must be multiples of 2^(levels-1) (4 for SDXL) so the skips line up."""
         dtype = self.out[2].weight.dtype  # inputs follow the weights (pure-bf16 mode); autocast still applies
         x, context, y = x.to(dtype), context.to(dtype), y.to(dtype)
@@ -518,7 +519,8 @@ class SDXL(nn.Module):
 
     def encode_text(self, tokens1, tokens2):
         """tokens1 (CLIP-L ids, EOS padding), tokens2 (bigG ids, 0 padding), (B, 77) each ->
-        (context (B, 77, te1 + te2 width), pooled (B, proj_dim))."""
+        (context (B, 77, te1 + te2 width), pooled (B, proj_dim)). Longer prompts are several 77-token rows,
+        concatenated after encoding: cache.encode_captions."""
         h2, pooled = self.te2(tokens2)
         return torch.cat([self.te1(tokens1), h2], dim=-1), pooled
 
@@ -543,14 +545,3 @@ def init_random_(model: nn.Module, seed=0):
             fan_in = p.shape[0] if name.endswith("text_projection") else p[0].numel()
             p.normal_(0.0, fan_in ** -0.5, generator=g)
     return model
-
-
-# -----------------------------------------------------------------------------
-# reading and writing the single file lives in checkpoint.py; its public names stay importable from here
-# (model.load_checkpoint, model.save_checkpoint) without an import cycle: resolved on first use (PEP 562)
-
-def __getattr__(name):
-    if name in ("load_checkpoint", "save_checkpoint", "CheckpointError"):
-        import checkpoint
-        return getattr(checkpoint, name)
-    raise AttributeError(f"module 'model' has no attribute {name!r}")

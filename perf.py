@@ -20,15 +20,15 @@ def peak_tflops(device_name):
     return next((v for key, v in PEAK_TFLOPS.items() if key in device_name), 0.0)
 
 
-def unet_flops(cfg, h, w, batch=1):
-    """Model FLOPs of one forward + backward of the UNet on `batch` latents of (h, w), without checkpointing
-    (recomputation is not credited). Counted on the meta device, so nothing is allocated, and RNG-neutral, so
-    counting mid-run leaves an exact resume exact."""
+def unet_flops(cfg, h, w, batch=1, context_len=77):
+    """Model FLOPs of one forward + backward of the UNet on `batch` latents of (h, w) with a context of context_len
+    positions (77 n for max_token_length = 75 n), without checkpointing (recomputation is not credited). Counted
+    on the meta device, so nothing is allocated, and RNG-neutral, so counting mid-run leaves an exact resume exact."""
     from torch.utils.flop_counter import FlopCounterMode
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
         net = UNet(cfg)
         x = torch.randn(batch, cfg.in_channels, h, w)
-        context = torch.randn(batch, 77, cfg.context_dim)
+        context = torch.randn(batch, context_len, cfg.context_dim)
         y = torch.randn(batch, cfg.adm_in_channels)
         t = torch.zeros(batch, dtype=torch.long)
         with FlopCounterMode(display=False) as counter:

@@ -39,6 +39,7 @@ import files
 import data
 import demo
 import model
+import objective
 import schedule
 import tokenizer as clip_tokenizer
 from configurator import UserError, UserFileNotFound
@@ -48,6 +49,7 @@ ckpt = ""  # single-file sgm checkpoint: local .safetensors or hf:REPO/FILE
 out = "ablation.png"  # grid PNG; the JSON with the exact settings goes beside it (same stem)
 tokenizer = ""  # vocab.json + merges.txt folder (or one with tokenizer/ inside) or hf:REPO; '' = <ckpt dir>/diffusers if train.py exported it there, else hf:stabilityai/stable-diffusion-xl-base-1.0
 prompts = ""  # file with one prompt per line, or 'p1|p2|...'; '' = the built-in prompts
+max_token_length = 75  # 75 | 150 | 225: prompts as 1 | 2 | 3 chunks of 77 positions; the model's training setting (docs/sdxl_format.md §8)
 seeds = [0]  # rows = prompts x seeds; every panel of a row starts from the same noise
 panels = [(0.024, True, "v"), (0.024, False, "v"), (0.012, False, "v"), (0.012, False, "eps")]  # columns: (beta_end, zsnr, prediction v|eps[, label]); default = the four of docs/maths.md §5
 steps = 25  # DDIM steps, trailing spacing: the first step is t=999
@@ -100,9 +102,11 @@ def initial_noise(seeds, shape):
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
 
 
-def encode_prompts(sdxl, tok, prompts, device):
-    """Prompts -> (context (B, 77, ctx), pooled (B, P)) on device, fp32; te1 pads with EOS, te2 with 0 (SDXL)."""
-    t1, t2 = clip_tokenizer.tokenize(tok, list(prompts))
+def encode_prompts(sdxl, tok, prompts, device, max_token_length=75):
+    """Prompts -> (context (B, 77 n, ctx), pooled (B, P)) on device, fp32; te1 pads with EOS, te2 with 0 (SDXL).
+    n = max_token_length / 75 chunks of 77 positions, pooled from the first (cache.encode_captions): use the
+    setting the model was trained with, so previews and the ablation see the training layout."""
+    t1, t2 = clip_tokenizer.tokenize(tok, list(prompts), max_token_length=max_token_length)
     context, pooled = cache.encode_captions(sdxl.encode_text, t1, t2, device)
     return context.to(device), pooled.to(device)
 
@@ -140,6 +144,17 @@ def generate(sdxl, context, pooled, noise, abar, steps, prediction="v", guidance
     with amp:  # one image at a time: the SDXL decoder at 1024^2 is memory-hungry
         imgs = [sdxl.vae.decode(z[None] / model.VAE_SCALE).float() for z in z0]
     return torch.cat(imgs).clamp(-1, 1)
+
+
+def preview(sdxl, context, pooled, abar, size, seed, steps, prediction, guidance, phi, path=None):
+    """train.py's preview grid: one row of the prompts (context, pooled) at size x size from a fixed seed, on the
+    training schedule; written to path (None: every rank samples, only one writes)."""
+    f = 2 ** (len(sdxl.cfg.vae.ch_mult) - 1)  # the VAE's downsampling factor (8 in SDXL)
+    n, dev = context.shape[0], context.device
+    noise = torch.randn(n, sdxl.cfg.unet.in_channels, size // f, size // f, generator=torch.Generator().manual_seed(seed))
+    imgs = generate(sdxl, context, pooled, noise.to(dev), abar.to(dev), steps, prediction, guidance, phi, size, size)
+    if path:
+        save_grid(imgs, 1, n, path)
 
 
 def render(sdxl, context, pooled, noise, panel_dicts, steps, guidance, phi, height, width, batch_size=4,
@@ -229,6 +244,8 @@ def quant_ablation(model_fn, x0, noise, panel_dicts, train_abar, nbins=_NBINS):
     res = {"bins": [[b * T // nbins, (b + 1) * T // nbins - 1] for b in range(nbins)], "mse_v": [], "mse_eps": [],
            "recon": {p["label"]: [] for p in panel_dicts}, "n": int(x0.shape[0])}
     mse = lambda a, b: (a.double() - b.double()).pow(2).mean().item()
+    # the training objective's noising and targets (objective.py), on the training schedule and on each panel's
+    as_v, as_eps = objective.Objective(train_abar, "v"), objective.Objective(train_abar, "eps")
     for b in range(nbins):
         t = bin_timesteps(x0.shape[0], b, nbins, T).to(x0.device)
         outs = []  # the output depends on the schedule only, not on the reading: one call per schedule
@@ -237,13 +254,13 @@ def quant_ablation(model_fn, x0, noise, panel_dicts, train_abar, nbins=_NBINS):
             for a, z, o in outs:
                 if torch.equal(a, abar):
                     return z, o
-            z = schedule.add_noise(x0, noise, t, abar)
+            z = objective.Objective(abar).noised(x0, noise, t)
             outs.append((abar, z, model_fn(z, t).to(x0.dtype)))
             return outs[-1][1:]
 
         _, o = output(train_abar)
-        res["mse_v"].append(mse(o, schedule.v_target(x0, noise, t, train_abar)))
-        res["mse_eps"].append(mse(o, noise))
+        res["mse_v"].append(mse(o, as_v.target(x0, noise, t)))
+        res["mse_eps"].append(mse(o, as_eps.target(x0, noise, t)))
         for p in panel_dicts:
             z, o = output(p["abar"])
             res["recon"][p["label"]].append(mse(read_x0(o, z, t, p["abar"], p["prediction"]), x0))
@@ -260,7 +277,7 @@ def format_table(res):
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [head] + rows)
 
 
-def held_out(sdxl, tok, folder, n, H, W, seed, device):
+def held_out(sdxl, tok, folder, n, H, W, seed, device, max_token_length=75):
     """(latents x0 = VAE mean * scale, context, pooled, time_ids) of the first n images of folder at H x W, or of
     n synthetic shapes (seed != train.py's 0, so not its training images) when folder is ''."""
     tmp = None
@@ -275,7 +292,7 @@ def held_out(sdxl, tok, folder, n, H, W, seed, device):
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
-    context, pooled = encode_prompts(sdxl, tok, [it.caption for it in items], device)
+    context, pooled = encode_prompts(sdxl, tok, [it.caption for it in items], device, max_token_length)
     time_ids = torch.tensor([[*it.orig_hw, *it.crop_tl, *it.bucket] for it in items], dtype=torch.float32)
     return mean.to(device) * model.VAE_SCALE, context, pooled, time_ids.to(device)
 
@@ -322,7 +339,8 @@ def write_json(obj, path):
 def main():
     config = configurator.configure(globals())
     # everything the config shows, before anything is loaded
-    configurator.check(config, choices={"dtype": ("", "float32", "bfloat16", "float16")},
+    configurator.check(config, choices={"dtype": ("", "float32", "bfloat16", "float16"),
+                                        "max_token_length": clip_tokenizer.MAX_TOKEN_LENGTHS},
                        at_least={"height": 0, "width": 0, "batch_size": 1, "quant_n": 1},
                        within={"steps": (1, 1000), "guidance": (-math.inf, math.inf), "phi": (0, 1),
                                "train_beta_end": (0, 1)})
@@ -365,7 +383,7 @@ def main():
     print(f"{path}: v_pred marker {sdxl.v_pred}, ztsnr marker {sdxl.ztsnr}; {len(rows)} rows x {len(pds)} panels, "
           f"{H}x{W}, {steps} steps, guidance {guidance}, phi {phi}, on {dev}")
     noise = initial_noise([s for _, s in rows], (sdxl.cfg.unet.in_channels, H // f, W // f)).to(dev)
-    context, pooled = encode_prompts(sdxl, tok, [p for p, _ in rows], dev)
+    context, pooled = encode_prompts(sdxl, tok, [p for p, _ in rows], dev, max_token_length)
     images = render(sdxl, context, pooled, noise, pds, steps, guidance, phi, H, W, batch_size, amp_dtype)
     row_labels = [f"{p} (seed {s})" for p, s in rows]
     save_grid(images, len(rows), len(pds), out, row_labels, [p["label"] for p in pds])
@@ -379,7 +397,7 @@ def main():
                                "prediction_type": meta.get("modelspec.prediction_type"),
                                "noise_schedule": meta.get("noise_schedule")}}
     if quant:
-        x0, qctx, qpool, qids = held_out(sdxl, tok, dataset_dir, quant_n, H, W, quant_seed, dev)
+        x0, qctx, qpool, qids = held_out(sdxl, tok, dataset_dir, quant_n, H, W, quant_seed, dev, max_token_length)
         qnoise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(quant_seed)).to(dev)
         train_abar = schedule.alphas_cumprod(train_beta_end, train_zsnr)
         res = quant_ablation(unet_fn(sdxl, qctx, qpool, qids, batch_size, amp_dtype), x0, qnoise, pds, train_abar)

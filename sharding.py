@@ -26,17 +26,14 @@ def blocks(unet):
     return [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
 
 
-def shard(unet, compute_dtype=None, compile_kwargs=None):
+def shard(unet, compute_dtype=None):
     """fully_shard each block, then the root (time_embed, label_emb, out). compute_dtype: the dtype the blocks
     are gathered in for the forward (bf16 halves the all-gathers); grads are reduced in fp32 and kept in the
-    weights' dtype. compile_kwargs: torch.compile each block in place (a whole-UNet fullgraph compile cannot
-    trace FSDP's hooks; per block it can, and every bucket adds one graph per block)."""
+    weights' dtype. (Compiling the sharded UNet: distributed.Procs.prepare.)"""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for block in blocks(unet):
         fully_shard(block, mp_policy=mp)
-        if compile_kwargs is not None:
-            block.compile(**compile_kwargs)
     fully_shard(unet, mp_policy=mp)
     return unet
 

@@ -5,6 +5,7 @@ written from scratch so no runtime file needs transformers or open_clip (docs/sd
     tok = load_tokenizer("hf:stabilityai/stable-diffusion-xl-base-1.0")   # or a folder with vocab.json + merges.txt
     ids = tok(["a photo of a cat"], pad_id=None)     # LongTensor [B, 77]: BOS, tokens, EOS, pads (EOS by default)
     tokens1, tokens2 = tokenize(tok, captions)       # te1 pads with EOS, te2 with 0 (SDXL's tokenizer_2)
+    tokens1, tokens2 = tokenize(tok, captions, max_token_length=225)   # [B, 3 x 77]: three 77-token chunks
 
 Text cleaning follows transformers-5's CLIPTokenizer (NFC, whitespace runs -> one space, lower-case), not
 open_clip's ftfy + html.unescape: ids equal transformers' on every prompt tested, and differ from open_clip's on
@@ -21,6 +22,8 @@ import torch
 from configurator import UserError, UserFileNotFound
 
 CONTEXT_LENGTH = 77  # BOS + 75 tokens + EOS
+MAX_TOKEN_LENGTHS = (75, 150, 225)  # caption tokens: 1, 2 or 3 chunks of CONTEXT_LENGTH (docs/sdxl_format.md §8)
+MAX_WORD_TOKENS = 8  # ComfyUI's max_word_length: a word of fewer tokens is never cut between two chunks
 
 BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
 # CLIP's pre-split: specials, contractions, letter runs, single digits, runs of everything else. Written with
@@ -90,8 +93,9 @@ class CLIPTokenizer:
     """CLIP BPE tokenizer from a vocab.json + merges.txt pair (the SDXL repo's tokenizer/ folder).
 
     tok(texts, pad_id=None) -> LongTensor [B, 77]: BOS, tokens, EOS, then pad_id (default EOS). Longer texts
-    are truncated to 75 tokens so position 76 holds EOS. BOS/EOS ids are read from the vocabulary, so small
-    vocabularies (demo.build_tiny_vocab) work the same way.
+    are truncated to 75 tokens so position 76 holds EOS; tok(texts, chunks=3) -> [B, 231], three such rows side by
+    side (chunk_words). BOS/EOS ids are read from the vocabulary, so small vocabularies (demo.build_tiny_vocab)
+    work the same way.
     """
 
     def __init__(self, vocab_path, merges_path):
@@ -118,6 +122,17 @@ class CLIPTokenizer:
             symbols = merge_pair(symbols, best)
         return symbols
 
+    def piece_ids(self, piece):
+        """ids of one pre-split piece (cached)."""
+        got = self.cache.get(piece)
+        if got is None:
+            # an unknown symbol only comes from a malformed vocabulary: EOS, like transformers' unk
+            got = [self.vocab.get(s, self.eos) for word in _SPECIAL_AS_TEXT.get(piece, [piece])
+                   for s in self.bpe(_byte_encode(word))]
+            if len(self.cache) < 500_000:  # bound the memory a stream of unique junk words can take
+                self.cache[piece] = got
+        return got
+
     def encode(self, text):
         """text -> token ids, without BOS/EOS and without truncation."""
         ids = []
@@ -126,25 +141,51 @@ class CLIPTokenizer:
                 ids.append(self.vocab[part])
                 continue
             for piece in SPLIT_PATTERN.findall(clean_text(part)):
-                got = self.cache.get(piece)
-                if got is None:
-                    # an unknown symbol only comes from a malformed vocabulary: EOS, like transformers' unk
-                    got = [self.vocab.get(s, self.eos) for word in _SPECIAL_AS_TEXT.get(piece, [piece])
-                           for s in self.bpe(_byte_encode(word))]
-                    if len(self.cache) < 500_000:  # bound the memory a stream of unique junk words can take
-                        self.cache[piece] = got
-                ids.extend(got)
+                ids.extend(self.piece_ids(piece))
         return ids
 
-    def __call__(self, texts, pad_id=None, length=CONTEXT_LENGTH):
+    def encode_words(self, text):
+        """text -> token ids grouped by whitespace-separated word, [[ids of word 1], [ids of word 2], ...]; their
+        concatenation is encode(text). The long-prompt layout keeps a short word in one chunk (chunk_words)."""
+        words, gap = [], True  # gap: whitespace (or the start) since the last piece
+
+        def add(ids):
+            nonlocal gap
+            if gap:
+                words.append([])
+                gap = False
+            words[-1].extend(ids)
+
+        for k, part in enumerate(_SPECIALS.split(text)):
+            if k % 2:
+                add([self.vocab[part]])
+                continue
+            part, end = clean_text(part), 0
+            for m in SPLIT_PATTERN.finditer(part):
+                gap = gap or m.start() > end  # the pre-split matches every character but whitespace
+                add(self.piece_ids(m.group()))
+                end = m.end()
+            gap = gap or end < len(part)
+        return words
+
+    def __call__(self, texts, pad_id=None, length=CONTEXT_LENGTH, chunks=1):
+        """chunks > 1: each text as `chunks` sequences of `length` positions, side by side ([B, chunks * length]),
+        laid out by chunk_words (the long-prompt layout, docs/sdxl_format.md §8); chunks=1 truncates."""
         if isinstance(texts, str):
             texts = [texts]
         pad = self.eos if pad_id is None else pad_id
         rows = []
         for text in texts:
-            ids = [self.bos] + self.encode(text)[: length - 2] + [self.eos]
-            rows.append(ids + [pad] * (length - len(ids)))
-        return torch.tensor(rows, dtype=torch.long).reshape(len(rows), length)
+            if chunks == 1:
+                parts = [self.encode(text)[: length - 2]]
+            else:
+                parts = chunk_words(self.encode_words(text), chunks, length - 2)
+            row = []
+            for part in parts:
+                ids = [self.bos] + part + [self.eos]
+                row += ids + [pad] * (length - len(ids))
+            rows.append(row)
+        return torch.tensor(rows, dtype=torch.long).reshape(len(rows), chunks * length)
 
 
 def tokenizer_folder(spec):
@@ -177,6 +218,41 @@ def load_tokenizer(spec):
         raise UserError(f"tokenizer {folder}: vocab.json / merges.txt are not a CLIP vocabulary ({e!r})") from None
 
 
-def tokenize(tok, captions, pad2=0):
-    """(ids for te1 padded with EOS, ids for te2 padded with pad2 = 0, "!", as SDXL's tokenizer_2 does)."""
-    return tok(captions), tok(captions, pad_id=pad2)
+def token_chunks(max_token_length):
+    """max_token_length 75 | 150 | 225 -> 1 | 2 | 3 chunks of 77 positions."""
+    if max_token_length not in MAX_TOKEN_LENGTHS:
+        raise UserError(f"config error: --max_token_length={max_token_length!r} is not one of "
+                        f"{' | '.join(map(str, MAX_TOKEN_LENGTHS))}")
+    return max_token_length // (CONTEXT_LENGTH - 2)
+
+
+def chunk_words(words, chunks, size=CONTEXT_LENGTH - 2):
+    """Word token groups (CLIPTokenizer.encode_words) -> `chunks` lists of at most `size` ids each, the layout
+    ComfyUI samples with (comfy/sd1_clip.py): words fill a chunk in order; a word that does not fit in what is left
+    of it starts the next chunk whole when it has fewer than MAX_WORD_TOKENS tokens, and is cut across the two
+    otherwise. The last chunk is cut where it is full (the caption is truncated there, as one 77-position row is).
+    Chunks after the caption's last word stay empty. chunks=1 is plain truncation to `size` tokens."""
+    out = [[]]
+    for word in words:
+        long = len(word) >= MAX_WORD_TOKENS  # decided once per word, as ComfyUI does
+        while word:
+            room = size - len(out[-1])
+            if len(word) <= room:
+                out[-1] += word
+                break
+            last = len(out) == chunks
+            if long or last:
+                out[-1] += word[:room]
+                word = word[room:]
+            if last:
+                return out
+            out.append([])  # a short word moves to the next chunk whole
+    return out + [[] for _ in range(chunks - len(out))]
+
+
+def tokenize(tok, captions, pad2=0, max_token_length=75):
+    """(ids for te1 padded with EOS, ids for te2 padded with pad2 = 0, "!", as SDXL's tokenizer_2 does), each
+    [B, 77 n] with n = max_token_length / 75: n chunks of BOS, up to 75 tokens, EOS, pads (chunk_words); a chunk
+    the caption does not reach is BOS, EOS, pads, the empty caption's chunk. 75 is SDXL's single 77-token row."""
+    n = token_chunks(max_token_length)
+    return tok(captions, chunks=n), tok(captions, pad_id=pad2, chunks=n)

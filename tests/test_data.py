@@ -4,7 +4,9 @@ The encoders are small stand-ins (a strided conv "VAE", an embedding "text encod
 contract, so these tests do not depend on model.py. Run `pytest -s tests/test_data.py` to see the measured
 tokenizer and batch speeds.
 """
+import dataclasses
 import importlib.util
+import itertools
 import json
 import os
 import random
@@ -48,12 +50,14 @@ class TinyVAE(torch.nn.Module):
 class OnTheFly:
     """The Cache.load interface without a cache: decode and encode every time (the uncached reference)."""
 
-    def __init__(self, encoders, tokenizer, device="cpu"):
+    def __init__(self, encoders, tokenizer, device="cpu", max_token_length=75):
         self.encoders, self.tokenizer, self.device = encoders, tokenizer, device
+        self.max_token_length = max_token_length
 
     def load(self, items):
         mean = encoder_cache.encode_images(self.encoders.vae, items, self.device)
-        t1, t2 = tokenizer.tokenize(self.tokenizer, [it.caption for it in items])
+        t1, t2 = tokenizer.tokenize(self.tokenizer, [it.caption for it in items],
+                                    max_token_length=self.max_token_length)
         context, pooled = encoder_cache.encode_captions(self.encoders.encode_text, t1, t2, device=self.device)
         return mean, context, pooled
 
@@ -99,7 +103,7 @@ def synth(tmp_path_factory):
     demo.make_synthetic_dataset(root, n=24, seed=0, sizes=((64, 64), (48, 80), (80, 48), (100, 100)))
     texts = [open(os.path.join(root, f)).read() for f in sorted(os.listdir(root)) if f.endswith(".txt")]
     vdir = demo.build_tiny_vocab(str(tmp_path_factory.mktemp("tiny_vocab")), texts, n_merges=64)
-    return root, data.load_tokenizer(vdir), vdir
+    return root, tokenizer.load_tokenizer(vdir), vdir
 
 
 # -----------------------------------------------------------------------------
@@ -147,7 +151,7 @@ def test_tokenizer_parity_with_transformers(real_vocab):
     hf = HFCLIPTokenizer(os.path.join(real_vocab, "vocab.json"), os.path.join(real_vocab, "merges.txt"),
                          pad_token="<|endoftext|>")
     assert len(hf) == 49408
-    tok = data.load_tokenizer(real_vocab)
+    tok = tokenizer.load_tokenizer(real_vocab)
     prompts = make_prompts()
     want = torch.tensor(hf(prompts, padding="max_length", max_length=77, truncation=True)["input_ids"])
     t0 = time.perf_counter()
@@ -158,7 +162,7 @@ def test_tokenizer_parity_with_transformers(real_vocab):
     assert got.shape == (len(prompts), 77) and got.dtype == torch.long
     assert (got[:, 0] == 49406).all() and (got[:, 76] == 49407).any()
     print(f"\ntokenizer: {len(prompts)} prompts identical to transformers; {len(prompts) / dt:.0f} prompts/s cold")
-    tok2 = data.load_tokenizer(real_vocab)
+    tok2 = tokenizer.load_tokenizer(real_vocab)
     warm = prompts * 5
     tok2(prompts)
     t0 = time.perf_counter()
@@ -167,7 +171,7 @@ def test_tokenizer_parity_with_transformers(real_vocab):
 
 
 def test_tokenizer_truncation_and_pads(real_vocab):
-    tok = data.load_tokenizer(real_vocab)
+    tok = tokenizer.load_tokenizer(real_vocab)
     long = tok(["cat " * 200])[0]
     assert long[0] == tok.bos and long[76] == tok.eos and (long[1:76] == long[1]).all()
     short = tok("a cat", pad_id=0)[0]  # a str works too; te2 pads with 0
@@ -186,6 +190,91 @@ def test_tiny_vocab_parity(synth):
     want = torch.tensor(hf(prompts, padding="max_length", max_length=77, truncation=True)["input_ids"])
     assert torch.equal(tok(prompts), want)
     assert len(tok.encode("a large red circle")) < len("a large red circle")  # merges learned from the captions
+
+
+# -----------------------------------------------------------------------------
+# long prompts: max_token_length 150 | 225, chunks of 77 positions
+
+
+def comfyui_chunks(hf, text):
+    """The oracle: ComfyUI's chunking as written in comfy/sd1_clip.py (SDTokenizer.tokenize_with_weights, without
+    its weight syntax and embeddings): words split on spaces, each tokenized alone by transformers; a word that
+    does not fit in the chunk goes whole to the next one when it has fewer than 8 tokens, else it is cut.
+    -> every chunk's ids, without BOS/EOS/pads."""
+    batches, batch = [], ["BOS"]
+    for word in [w for w in text.replace("\n", " ").split(" ") if w]:
+        group = hf(word)["input_ids"][1:-1]
+        is_large = len(group) >= 8
+        while group:
+            if len(group) + len(batch) > 77 - 1:
+                remaining = 77 - len(batch) - 1
+                if is_large:
+                    batch += group[:remaining]
+                    group = group[remaining:]
+                batches.append(batch[1:])
+                batch = ["BOS"]
+            else:
+                batch += group
+                group = []
+    return batches + [batch[1:]]
+
+
+def long_prompts(n=60, seed=0):
+    """Tag captions of 20-300 tokens, with words of 1 to 20 tokens, so chunk boundaries fall inside words."""
+    rng = random.Random(seed)
+    tags = ["1girl", "long hair", "blue eyes", "looking at viewer", "smile", "school uniform", "outdoors",
+            "cherry blossoms", "masterpiece", "best quality", "absurdres", "highres", "from side", "red ribbon",
+            "pleated skirt", "thighhighs", "holding umbrella", "rain", "night sky", "starry sky"]
+    odd = ["supercalifragilisticexpialidocious", "pneumonoultramicroscopicsilicovolcanoconiosis", "xyzzyplughqwfp",
+           "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", "0123456789012345", "photorealistic"]
+    return [", ".join(rng.choice(tags) if rng.random() < 0.85 else rng.choice(odd) for _ in range(rng.randrange(5, 90)))
+            for _ in range(n)]
+
+
+def test_long_prompt_chunks_follow_comfyui(real_vocab):
+    """Each caption's chunks are ComfyUI's first n - 1 chunks and then the rest of its tokens, cut at 75."""
+    from transformers import CLIPTokenizer as HFCLIPTokenizer
+    hf = HFCLIPTokenizer(os.path.join(real_vocab, "vocab.json"), os.path.join(real_vocab, "merges.txt"),
+                         pad_token="<|endoftext|>")
+    tok = data.load_tokenizer(real_vocab)
+    prompts = long_prompts()
+    moved = cut = 0
+    for n in (2, 3):
+        t1, t2 = tokenizer.tokenize(tok, prompts, max_token_length=75 * n)
+        assert t1.shape == t2.shape == (len(prompts), 77 * n)
+        for p, r1, r2 in zip(prompts, t1.tolist(), t2.tolist()):
+            want = comfyui_chunks(hf, p)
+            kept = want[:n - 1] + [[i for c in want[n - 1:] for i in c][:75]]
+            kept += [[]] * (n - len(kept))
+            assert r1 == [i for c in kept for i in [49406] + c + [49407] * (76 - len(c))], p
+            assert r2 == [i for c in kept for i in [49406] + c + [49407] + [0] * (75 - len(c))], p
+            ends = set(itertools.accumulate(len(hf(w)["input_ids"]) - 2 for w in p.split(" ")))  # word ends
+            moved += len(want) > 1 and len(want[0]) < 75  # a short word went whole to the next chunk
+            cut += len(want) > 1 and len(want[0]) == 75 and 75 not in ends  # a long word was cut at the boundary
+    assert moved > 10 and cut > 2, (moved, cut)  # both of ComfyUI's rules were exercised
+
+
+def test_long_prompt_short_captions_and_75(real_vocab):
+    """75 tokens: today's 77-position rows, bit for bit. Longer settings: a caption of at most 75 tokens keeps that
+    row as its first chunk, and every later chunk is the empty caption's (BOS, EOS, pads), as A1111 fills."""
+    tok = data.load_tokenizer(real_vocab)
+    prompts = make_prompts(n_random=90) + long_prompts(10)
+    one1, one2 = tok(prompts), tok(prompts, pad_id=0)
+    t1, t2 = tokenizer.tokenize(tok, prompts)
+    assert torch.equal(t1, one1) and torch.equal(t2, one2)
+    assert all(sum(tok.encode_words(p), []) == tok.encode(p) for p in prompts)
+    short = [i for i, p in enumerate(prompts) if len(tok.encode(p)) <= 75]
+    assert 50 < len(short) < len(prompts)
+    empty1, empty2 = tok([""])[0], tok([""], pad_id=0)[0]
+    assert empty2.tolist() == [49406, 49407] + [0] * 75
+    for n in (2, 3):
+        t1, t2 = tokenizer.tokenize(tok, prompts, max_token_length=75 * n)
+        assert torch.equal(t1[short, :77], one1[short]) and torch.equal(t2[short, :77], one2[short])
+        assert torch.equal(t1[short, 77:], empty1.repeat(len(short), n - 1))
+        assert torch.equal(t2[short, 77:], empty2.repeat(len(short), n - 1))
+    for bad in (0, 77, 100, 300):
+        with pytest.raises(UserError, match="max_token_length"):
+            tokenizer.tokenize(tok, ["a cat"], max_token_length=bad)
 
 
 # -----------------------------------------------------------------------------
@@ -451,9 +540,50 @@ def test_cache_dtype_changes_nothing_but_the_cast(synth, tmp_path):
             assert y[k].dtype == torch.float32 and torch.equal(y[k], cast(x[k]) if k != "time_ids" else x[k]), k
 
 
+def test_cache_long_prompts(synth, tmp_path):
+    """max_token_length=225: 231-position contexts, equal to encoding on the fly and to each 77-position chunk
+    encoded alone; a cache made at 75 is not read at 225 (and 75 keeps the key formula caches already have)."""
+    root, tok, _ = synth
+    items = data.scan_dataset(root, BUCKETS, seed=3, quiet=True)
+    items = [dataclasses.replace(it, caption=", ".join([it.caption] * (1 + 4 * (i % 6)))) for i, it in enumerate(items)]
+    lengths = [len(tok.encode(it.caption)) for it in items]
+    assert min(lengths) < 75 and max(lengths) > 2 * 75  # one, two and three chunks' worth (and more)
+    enc = TinyEncoders(tok.vocab_size)
+    cdir = str(tmp_path / "cache")
+    c75 = _build(items, enc, tok, cdir)
+    t1, t2 = tokenizer.tokenize(tok, [items[0].caption])
+    fp = encoder_cache.weights_fingerprint(enc.te1, enc.te2)
+    assert c75.txt_keys[items[0].index] == data.hash_bytes(b"text v1|" + t1[0].numpy().tobytes() + b"|" +
+                                                           t2[0].numpy().tobytes() + b"|" + fp.encode())
+    enc.seen = enc.vae.seen = 0
+    c225 = _build(items, enc, tok, cdir, max_token_length=225)
+    n_txt = len(set(c225.txt_keys.values()))
+    assert not set(c75.txt_keys.values()) & set(c225.txt_keys.values()) and c75.lat_keys == c225.lat_keys
+    assert enc.seen == 3 * (1 + n_txt) and enc.vae.seen == 1  # every caption again, as 3 rows of 77; no image
+    enc.seen = 0
+    _build(items, enc, tok, cdir, max_token_length=225)
+    assert enc.seen == 3  # the probe only: a 225 cache is reused at 225
+    a = data.Loader(items, c225, 3, seed=5, caption_dropout=0.3, verbose=False)
+    b = data.Loader(items, OnTheFly(enc, tok, max_token_length=225), 3, seed=5, caption_dropout=0.3, verbose=False)
+    for _ in range(len(a)):
+        x, y = a.next_batch(), b.next_batch()
+        for k in x:
+            assert torch.equal(x[k], y[k]), k
+    assert x["context"].shape == (3, 231, 16) and x["pooled"].shape == (3, 5)
+    # by hand: each chunk through the 77-token encoder on its own, the three contexts side by side, pooled of chunk 0
+    t1, t2 = tokenizer.tokenize(tok, [it.caption for it in items], max_token_length=225)
+    text = lambda cache, its: [torch.stack([cache.read("text", cache.txt_keys[it.index])[k] for it in its])
+                               for k in ("context", "pooled")]
+    ctx, pooled = text(c225, items)
+    chunks = [enc.encode_text(t1[:, 77 * c:77 * (c + 1)], t2[:, 77 * c:77 * (c + 1)]) for c in range(3)]
+    assert torch.equal(ctx, torch.cat([c for c, _ in chunks], dim=1)) and torch.equal(pooled, chunks[0][1])
+    short = [i for i, n in enumerate(lengths) if n <= 75]
+    assert short and torch.equal(ctx[short, :77], text(c75, [items[i] for i in short])[0])
+
+
 def _ddp_cache_worker(rank, world, root, vocab_dir, cache_dir, pg_file, out_dir):
     torch.distributed.init_process_group("gloo", init_method=f"file://{pg_file}", rank=rank, world_size=world)
-    tok = data.load_tokenizer(vocab_dir)
+    tok = tokenizer.load_tokenizer(vocab_dir)
     items = data.scan_dataset(root, BUCKETS)
     enc = TinyEncoders(tok.vocab_size)
     cache = encoder_cache.build_cache(items, enc, tok, cache_dir, batch_size=4, rank=rank, world=world, workers=1)

@@ -6,7 +6,7 @@ Tests for model.py: CPU, fp32, every parameter random, tiny configs.
 
 Parity (the litgpt recipe): build the diffusers / transformers oracle from a tiny config, map its weights to the
 sgm layout with tests/sgm_oracle.py (itself checked against diffusers' own converters), write a real safetensors
-file, load it with the production model.load_checkpoint, compare outputs.
+file, load it with the production checkpoint.load_checkpoint, compare outputs.
 """
 import json
 import os
@@ -79,7 +79,7 @@ def case(request, tmp_path_factory):
     sd = sgm_oracle.sgm_state_dict(oracles, cfg)
     path = tmp_path_factory.mktemp(name) / "sgm.safetensors"
     save_file(sd, str(path))
-    return dict(name=name, cfg=cfg, oracles=oracles, sd=sd, path=path, sdxl=model.load_checkpoint(path),
+    return dict(name=name, cfg=cfg, oracles=oracles, sd=sd, path=path, sdxl=checkpoint.load_checkpoint(path),
                 latent_hw=latent_hw, image_hw=image_hw)
 
 
@@ -120,6 +120,26 @@ def test_unet_parity(case):
     assert ours.shape == (B, 4, h, w)
     RESULTS[case["name"], "unet"] = err = rel_err(ours, theirs)
     assert err < TOL
+
+
+@torch.no_grad()
+def test_unet_parity_long_context(case):
+    """Cross-attention over any context length: 231 positions (max_token_length 225, 3 x 77) against diffusers."""
+    cfg, sdxl, ref = case["cfg"], case["sdxl"], case["oracles"]["unet"]
+    g = torch.Generator().manual_seed(5)
+    t = torch.tensor([17, 999])
+    B, (h, w) = len(t), case["latent_hw"]
+    x = torch.randn(B, 4, h, w, generator=g)
+    context = torch.randn(B, 3 * 77, cfg.unet.context_dim, generator=g)
+    pooled = torch.randn(B, cfg.te2.proj_dim, generator=g)
+    time_ids = torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]]).repeat(B, 1)
+    ours = sdxl.unet(x, t, context, model.build_y(pooled, time_ids))
+    theirs = ref(x, t, context, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+    RESULTS[case["name"], "unet ctx 231"] = err = rel_err(ours, theirs)
+    assert err < TOL
+    # the extra positions are read: the output moves when only the last chunk changes
+    context[:, 154:] += 1.0
+    assert rel_err(sdxl.unet(x, t, context, model.build_y(pooled, time_ids)), ours) > 1e-3
 
 
 @torch.no_grad()
@@ -164,6 +184,60 @@ def test_text_encoder_parity(case):
             W.data = W.data.T.contiguous()
         assert bad > 0.1
 
+def _chunk_texts(tok, caption, n):
+    """A caption cut by hand into n texts of at most 75 tokens at spaces (a word that does not fit starts the next
+    text; every word here is shorter than 8 tokens); the last text takes all the rest, which the 77-token path
+    truncates, and texts past the caption are empty."""
+    texts, words, used = [], [], 0
+    for w in caption.split(" ") if caption else []:
+        k = len(tok.encode(w))
+        assert 0 < k < 8
+        if used + k > 75 and len(texts) < n - 1:
+            texts.append(" ".join(words))
+            words, used = [], 0
+        words.append(w)
+        used += k
+    texts.append(" ".join(words))
+    return texts + [""] * (n - len(texts))
+
+
+@torch.no_grad()
+def test_long_prompts_encode_each_chunk_alone(tmp_path):
+    """max_token_length 150 / 225 through the real text encoders (cache.encode_captions, which the cache and
+    sample_ablation.encode_prompts use) against an independent computation: each caption cut into texts by hand,
+    each text through the single-row 77-token path, the contexts side by side and pooled from the first. A caption
+    of at most 75 tokens keeps its single-row encoding as the first chunk."""
+    import cache
+    import demo
+    import tokenizer
+    words = ["a", "large", "red", "circle", "on", "blue", "background", "small", "green", "square", "top", "left"]
+    captions = ["", "a red circle on a blue background", ", ".join(words * 3), " ".join(words * 10)]
+    tok = tokenizer.load_tokenizer(demo.build_tiny_vocab(str(tmp_path / "tok"), captions, n_merges=24))
+    lengths = [len(tok.encode(c)) for c in captions]
+    assert lengths[1] <= 75 < lengths[2] <= 150 < 225 < lengths[3]
+    sdxl = model.init_random_(model.SDXL(SDXLConfig.tiny(vocab_size=tok.vocab_size)), seed=3)
+    one = lambda texts: cache.encode_captions(sdxl.encode_text, *tokenizer.tokenize(tok, texts))  # 77 positions
+    single, single_pooled = one(captions)
+    assert single.shape == (4, 77, 192)
+    texts = _chunk_texts(tok, captions[3], 3)
+    assert all(texts) and len(tok.encode(texts[0])) < 75  # a word went whole to the next chunk
+    assert _chunk_texts(tok, captions[1], 3)[1:] == ["", ""]
+    for n in (2, 3):
+        tokens = tokenizer.tokenize(tok, captions, max_token_length=75 * n)
+        context, pooled = cache.encode_captions(sdxl.encode_text, *tokens)
+        assert context.shape == (4, 77 * n, 192) and pooled.shape == (4, 128)
+        for b, caption in enumerate(captions):
+            texts = _chunk_texts(tok, caption, n)
+            parts = [one([t]) for t in texts]  # one text at a time
+            # bit-equal on this CPU; the tolerance is for BLAS libraries whose matmuls round differently at
+            # another batch size
+            torch.testing.assert_close(context[b:b + 1], torch.cat([h for h, _ in parts], dim=1), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(pooled[b:b + 1], parts[0][1], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(context[:2, :77], single[:2], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(pooled[:2], single_pooled[:2], rtol=1e-5, atol=1e-6)
+        assert rel_err(context[3, 77:154], context[0, 77:154]) > 0.01  # a long caption's later chunks hold text
+
+
 # -----------------------------------------------------------------------------
 # full size, on the meta device
 
@@ -201,11 +275,11 @@ def _write(tmp_path, tensors, name="bad.safetensors"):
 
 def test_save_load_roundtrip(tiny_sd, tmp_path_factory, monkeypatch):
     src = {**tiny_sd, model.PREFIX["te1"] + "embeddings.position_ids": torch.arange(77)[None]}  # as in the release
-    sdxl = model.load_checkpoint(_write(tmp_path_factory.mktemp("src"), src))
+    sdxl = checkpoint.load_checkpoint(_write(tmp_path_factory.mktemp("src"), src))
     tmp_path = tmp_path_factory.mktemp("out")
     out = tmp_path / "model.safetensors"
     extra = {"ss_noise_schedule": {"beta_end": 0.024, "zsnr": True, "spacing": "trailing"}, "note": "hello"}
-    model.save_checkpoint(sdxl, out, v_pred=True, ztsnr=True, metadata=extra)
+    checkpoint.save_checkpoint(sdxl, out, v_pred=True, ztsnr=True, metadata=extra)
     assert os.listdir(tmp_path) == ["model.safetensors"]  # no temp file left behind
     saved = load_file(str(out))
     assert saved.keys() == src.keys() | {"v_pred", "ztsnr"}
@@ -218,29 +292,29 @@ def test_save_load_roundtrip(tiny_sd, tmp_path_factory, monkeypatch):
     assert meta["modelspec.implementation"] == "sgm" and meta["modelspec.prediction_type"] == "v"
     assert meta["modelspec.title"] == "model" and meta["modelspec.date"][:2] == "20"
     assert json.loads(meta["ss_noise_schedule"]) == extra["ss_noise_schedule"] and meta["note"] == "hello"
-    again = model.load_checkpoint(out)
+    again = checkpoint.load_checkpoint(out)
     assert again.v_pred and again.ztsnr and again.metadata["note"] == "hello"
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), sdxl.state_dict().values()))
     # load -> save -> load is lossless, byte for byte in the tensors
     out2 = tmp_path / "again.safetensors"
-    model.save_checkpoint(again, out2, v_pred=False, ztsnr=False)
+    checkpoint.save_checkpoint(again, out2, v_pred=False, ztsnr=False)
     saved2 = load_file(str(out2))
     assert saved2.keys() == src.keys() and all(torch.equal(saved2[k], src[k]) for k in src)
     with safe_open(str(out2), "pt") as f:
         assert f.metadata()["modelspec.prediction_type"] == "epsilon"
     # export dtype
     out16 = tmp_path / "fp16.safetensors"
-    model.save_checkpoint(sdxl, out16, dtype=torch.float16)
+    checkpoint.save_checkpoint(sdxl, out16, dtype=torch.float16)
     s16 = load_file(str(out16))
     assert s16[model.PREFIX["te1"] + "embeddings.position_ids"].dtype == torch.int64
     assert all(v.dtype == torch.float16 for k, v in s16.items() if k in src and "position_ids" not in k)
-    back = model.load_checkpoint(out16, dtype=torch.bfloat16)
+    back = checkpoint.load_checkpoint(out16, dtype=torch.bfloat16)
     assert next(back.unet.parameters()).dtype == torch.bfloat16
     # a torch.compile wrapper in the tree (or around the whole model) does not leak `_orig_mod.` into the file
     sdxl.model.diffusion_model = torch.compile(sdxl.unet)
     try:
         outc = tmp_path / "compiled.safetensors"
-        model.save_checkpoint(torch.compile(sdxl), outc)
+        checkpoint.save_checkpoint(torch.compile(sdxl), outc)
         assert load_file(str(outc)).keys() == saved.keys()
     finally:
         sdxl.model.diffusion_model = sdxl.unet._orig_mod
@@ -250,7 +324,7 @@ def test_save_load_roundtrip(tiny_sd, tmp_path_factory, monkeypatch):
         raise OSError("disk full")
     monkeypatch.setattr(model.torch.Tensor, "numpy", lambda self: boom())
     with pytest.raises(OSError):
-        model.save_checkpoint(sdxl, out)
+        checkpoint.save_checkpoint(sdxl, out)
     assert load_file(str(out)).keys() == saved.keys()
     assert sorted(os.listdir(tmp_path)) == sorted(["model.safetensors", "again.safetensors", "fp16.safetensors",
                                                    "compiled.safetensors"])
@@ -264,13 +338,13 @@ def test_bad_files(tiny_sd, tmp_path):
     for name, content in [("truncated.safetensors", data[: len(data) // 2]), ("text.safetensors", b"hello " * 50),
                           ("empty.safetensors", b"")]:
         (tmp_path / name).write_bytes(content)
-        with pytest.raises(model.CheckpointError, match="not a readable safetensors file"):
-            model.load_checkpoint(tmp_path / name)
+        with pytest.raises(checkpoint.CheckpointError, match="not a readable safetensors file"):
+            checkpoint.load_checkpoint(tmp_path / name)
     torch.save({"state_dict": {}}, tmp_path / "old.ckpt")
-    with pytest.raises(model.CheckpointError, match="pickle"):
-        model.load_checkpoint(tmp_path / "old.ckpt")
+    with pytest.raises(checkpoint.CheckpointError, match="pickle"):
+        checkpoint.load_checkpoint(tmp_path / "old.ckpt")
     with pytest.raises(FileNotFoundError):
-        model.load_checkpoint(tmp_path / "nope.safetensors")
+        checkpoint.load_checkpoint(tmp_path / "nope.safetensors")
 
 
 @pytest.mark.parametrize("kind, expect", [
@@ -283,8 +357,8 @@ def test_other_architectures(tiny_sd, tmp_path, kind, expect):
              "refiner": {**unet, **vae, **te2}, "unet_only": unet,
              "diffusers": {"conv_in.weight": torch.ones(4, 4, 3, 3),
                            "down_blocks.0.resnets.0.norm1.weight": torch.ones(4)}}
-    with pytest.raises(model.CheckpointError, match=expect) as e:
-        model.load_checkpoint(_write(tmp_path, files[kind]))
+    with pytest.raises(checkpoint.CheckpointError, match=expect) as e:
+        checkpoint.load_checkpoint(_write(tmp_path, files[kind]))
     assert "not an SDXL base checkpoint" in str(e.value)
 
 
@@ -294,19 +368,19 @@ def test_missing_unexpected_misshaped_keys(tiny_sd, tmp_path):
     sd = {k: v for k, v in tiny_sd.items() if k not in gone}
     sd[P["unet"] + "foo.weight"] = torch.ones(2)
     sd[P["vae"] + "decoder.conv_out.bias"] = torch.ones(5)  # 3 channels expected
-    with pytest.raises(model.CheckpointError) as e:
-        model.load_checkpoint(_write(tmp_path, sd))
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.load_checkpoint(_write(tmp_path, sd))
     msg = str(e.value)
     assert "missing 2 (" in msg and all(k in msg for k in gone)
     assert "unexpected 1 (" + P["unet"] + "foo.weight" in msg
     assert P["vae"] + "decoder.conv_out.bias (5,) vs (3,)" in msg
     # a key that the size inference itself needs
     sd = {k: v for k, v in tiny_sd.items() if k != P["unet"] + "label_emb.0.0.weight"}
-    with pytest.raises(model.CheckpointError, match="label_emb.0.0.weight"):
-        model.load_checkpoint(_write(tmp_path, sd, "b.safetensors"))
+    with pytest.raises(checkpoint.CheckpointError, match="label_emb.0.0.weight"):
+        checkpoint.load_checkpoint(_write(tmp_path, sd, "b.safetensors"))
     # the unused `position_ids` may be absent, the markers are accepted
     sd = {**tiny_sd, "v_pred": torch.zeros(0)}
-    assert model.load_checkpoint(_write(tmp_path, sd, "c.safetensors")).v_pred
+    assert checkpoint.load_checkpoint(_write(tmp_path, sd, "c.safetensors")).v_pred
 
 
 def test_pruned_clip_l_is_refused():
@@ -315,7 +389,7 @@ def test_pruned_clip_l_is_refused():
         key, shape, _ = line.split("\t")
         if ".encoder.layers.11." not in key:
             shapes[key] = tuple(int(s) for s in shape.split("x")) if shape else ()
-    with pytest.raises(model.CheckpointError, match="11 layers"):
+    with pytest.raises(checkpoint.CheckpointError, match="11 layers"):
         checkpoint.config_from_shapes(shapes)
 
 # -----------------------------------------------------------------------------
@@ -391,7 +465,7 @@ def test_diffusers_from_single_file(tmp_path, monkeypatch):
     vocab = _byte_vocab(tmp_path / "tok")
     cfg = SDXLConfig.tiny(vocab_size=vocab)
     sdxl = model.init_random_(model.SDXL(cfg), seed=5)
-    model.save_checkpoint(sdxl, tmp_path / "m.safetensors", v_pred=True, ztsnr=True)
+    checkpoint.save_checkpoint(sdxl, tmp_path / "m.safetensors", v_pred=True, ztsnr=True)
     export.write_diffusers_config(cfg, tmp_path / "diffusers", beta_end=0.024, zsnr=True, prediction="v",
                                  tokenizer_dirs=(tmp_path / "tok", tmp_path / "tok"))
     pipe = StableDiffusionXLPipeline.from_single_file(str(tmp_path / "m.safetensors"),

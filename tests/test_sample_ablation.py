@@ -13,9 +13,11 @@ from PIL import Image
 
 import demo
 from configurator import UserError
+import checkpoint
 import model
 import sample_ablation as SA
 import schedule as S
+import tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAPTIONS = ["a red circle on a blue background", "a photo of a cat", "a green square on a white background"]
@@ -28,7 +30,7 @@ def tiny_ckpt(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny")
     sdxl = model.init_random_(model.SDXL(model.SDXLConfig.tiny()), seed=0)
     path = str(d / "model.safetensors")
-    model.save_checkpoint(sdxl, path, v_pred=True, ztsnr=True)
+    checkpoint.save_checkpoint(sdxl, path, v_pred=True, ztsnr=True)
     demo.build_tiny_vocab(str(d / "diffusers" / "tokenizer"), CAPTIONS)
     return path
 
@@ -64,6 +66,23 @@ def test_panel_specs_and_eps_zsnr_rejected():
 def test_eps_zsnr_fails_before_loading():
     r = run_script("--ckpt=/nonexistent.safetensors", "--out=/tmp/never.png", "--panels=[(0.024, True, 'eps')]")
     assert r.returncode != 0 and "zero-terminal-SNR" in r.stderr, r.stderr[-2000:]
+
+
+def test_long_prompts(tiny_ckpt):
+    """max_token_length=225: prompts as three 77-position chunks (a short prompt's first chunk is its single-row
+    encoding), sampled through the UNet; a length that is not 75 | 150 | 225 is refused before anything is read."""
+    sdxl = model.load_checkpoint(tiny_ckpt)
+    tok = tokenizer.load_tokenizer(os.path.join(os.path.dirname(tiny_ckpt), "diffusers"))
+    prompts = [CAPTIONS[0], ", ".join(CAPTIONS * 12)]
+    c75, p75 = SA.encode_prompts(sdxl, tok, prompts, "cpu")
+    c225, p225 = SA.encode_prompts(sdxl, tok, prompts, "cpu", max_token_length=225)
+    assert c75.shape == (2, 77, 192) and c225.shape == (2, 231, 192) and p225.shape == p75.shape == (2, 128)
+    torch.testing.assert_close(c225[0, :77], c75[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(p225[0], p75[0], rtol=1e-5, atol=1e-6)
+    imgs = SA.generate(sdxl, c225, p225, SA.initial_noise([0, 1], (4, 8, 8)), S.alphas_cumprod(0.024, True), 2)
+    assert imgs.shape == (2, 3, 64, 64) and imgs.isfinite().all()
+    r = run_script("--ckpt=/nonexistent.safetensors", "--out=/tmp/never.png", "--max_token_length=100")
+    assert r.returncode == 2 and "--max_token_length=100 is not one of 75 | 150 | 225" in r.stderr, r.stderr[-2000:]
 
 
 def test_identical_seeds_identical_noise(monkeypatch):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoint
 import model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,7 +62,7 @@ def test_resume_is_bit_exact_and_schedules_reach_optimizer(assets):
         assert f1.read() == f2.read(), "exported files differ"
     assert a["per_rank"][0]["loader"]["position"] == b["per_rank"][0]["loader"]["position"]
     # the weights moved, and the lr/betas of the last step (iter 4) are what the optimizer holds
-    start = model.load_checkpoint(str(d / "start.safetensors"))
+    start = checkpoint.load_checkpoint(str(d / "start.safetensors"))
     assert any(not torch.equal(v, start.unet.state_dict()[k]) for k, v in a["unet"].items())
     cfg = a["config"]
     lr4 = cfg["lr"] if 4 >= cfg["warmup_iters"] else None
@@ -88,7 +89,7 @@ def test_export_loads_in_diffusers(assets):
         run(out, common, "--max_iters=5")
     sd = load_file(str(out / "model.safetensors"))
     assert "v_pred" in sd and "ztsnr" in sd and sd["v_pred"].numel() == 0
-    ours = model.load_checkpoint(str(out / "model.safetensors"))
+    ours = checkpoint.load_checkpoint(str(out / "model.safetensors"))
     assert ours.v_pred and ours.ztsnr
     diffusers = pytest.importorskip("diffusers")
     pipe = diffusers.StableDiffusionXLPipeline.from_single_file(
@@ -167,7 +168,7 @@ def test_ddp_update_equals_single_process(assets):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
     # 2 processes x micro-batch 2 x (grad_accum 2 / 2 processes) = a global batch of 4, as above
     run(d / "ddp", common, *args, "--batch_size=2", "--grad_accum=2", cmd=torchrun)
-    start = model.load_checkpoint(str(d / "start.safetensors")).unet.state_dict()
+    start = checkpoint.load_checkpoint(str(d / "start.safetensors")).unet.state_dict()
     a, b = ckpt(d / "single"), ckpt(d / "ddp")
     num = den = 0.0
     for k, w0 in start.items():
