@@ -58,13 +58,15 @@ done
 if [ -n "${GPU_DRY_RUN:-}" ]; then
   W=$(mktemp -d)
   KEEP=${GPU_KEEP:-}  # the dry run starts from nothing unless told
+  # compiled by Dynamo alone (no codegen), per block: the quickest trace, and the scope stages' compile path
+  # (distributed.compile_unet); tests/test_train.py traces the whole UNet
   TRAIN=(python3 train.py config/tiny.py --init_from="$W/start.safetensors" --tiny_size=True --resolution=128
          --bucket_step=32 --synthetic_sizes="((128, 128),)" --make_synthetic=6 --eval_items=2
-         --batch_size=2 --compile=True --debug_compile_backend=eager --compile_mode=default)
+         --batch_size=2 --compile=True --debug_compile_backend=eager --compile_mode=default --compile_scope=blocks)
   STEPS=3; LOG_EVERY=1
   BENCH=(python3 bench.py config/tiny.py --batch_size=2 --resolution=128 --warmup=0 --iters=1 --rounds=1 --compile=False)
   B4=(--batch_size=2)
-  COMPILED=(--compile=True --debug_compile_backend=eager)  # Dynamo tracing only: the scope stages' code paths
+  COMPILED=(--compile=False)  # the scope stages' plumbing only: train_e2e above traces the blocks scope
   NEED_GIB=0
 else
   W=/tmp/gpu_work
