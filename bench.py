@@ -340,6 +340,7 @@ def write_record(s):
             "ms_fwd_bwd_clip_opt": s["phases"][:4], "mfu": s["mfu"],
             "peak_gib": s["mem"] if device_type == "cuda" else None, "compile_s": s["first_s"],
             "compiled": s["compiled"], "compile_mode": compile_mode, "sdpa": sdpa, "precision": precision,
+            "compile_scope": compile_scope if s["name"] == "ours" else "unet",  # diffusers' UNet is compiled whole
             "grad_ckpt": grad_ckpt, "batch_size": batch_size, "resolution": resolution,
             "params": sum(p.numel() for p in s["net"].parameters()),
             "command": "python bench.py " + shlex.join(sys.argv[1:]), "git_sha": SHA}
