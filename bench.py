@@ -29,7 +29,6 @@ FLOPs: counted once with torch.utils.flop_counter.FlopCounterMode on the meta de
 forward + backward, without checkpointing (model FLOPs; recomputation is not credited). MFU is against the
 dense bf16 peak of the device (table below, or --peak_tflops).
 """
-import atexit
 import dataclasses
 import gc
 import json
@@ -96,6 +95,19 @@ if len(record_as) != 2 or not all(isinstance(x, str) for x in record_as):
 if resolution % 32 or (width and width % 32):  # latents are 1/8, halved twice by the UNet; GroupNorm's 32 groups
     raise configurator.UserError(f"config error: --resolution ({resolution}) and --width ({width}) must be multiples of 32")
 configurator.check_device(device)
+if record:  # now, not after the measuring: a file that cannot be appended to is one line, not a traceback at the end
+    try:
+        if not os.path.exists(os.path.dirname(os.path.abspath(record))):
+            os.makedirs(os.path.dirname(os.path.abspath(record)))
+        open(record, "a").close()
+    except OSError as e:
+        raise configurator.UserError(f"cannot write to {record} (--record): {e.strerror}; pick another file") from None
+if compare:  # before the model is built: a missing diffusers is one line, not a traceback minutes in
+    try:
+        import diffusers  # noqa: F401
+    except ImportError as e:
+        raise configurator.UserError(f"config error: --compare=diffusers needs the diffusers package ({e}); "
+                                     f"pip install diffusers") from None
 # -----------------------------------------------------------------------------
 
 device_type = "cuda" if device.startswith("cuda") else "cpu"
@@ -317,26 +329,23 @@ def report(side):
     return ips
 
 
-def write_records():
-    """One JSON line per measured side, appended to --record. Run at exit, also when a time limit stops the bench
-    (SIGTERM) while the second side compiles, so a cut comparison keeps the side it measured."""
-    done = [s for s in sides if "ips" in s]
-    if not record or not done:
+def write_record(s):
+    """Appends side s's JSON line to --record as soon as the side is measured (closed, so flushed): a time limit
+    or a failure later on (the other side's compile, say) loses nothing measured. The ratio to diffusers is not in
+    it: on a GPU ours is written before diffusers runs; tests/gpu/collect.py computes it from the two lines."""
+    if not record:
         return
-    ratio = done[0]["ips"] / done[1]["ips"] if len(done) == 2 else None
-    command = "python bench.py " + shlex.join(sys.argv[1:])
+    line = {"mode": record_as[sides.index(s)] or s["name"], "side": s["name"], "device": dev_name,
+            "device_type": device_type, "torch": torch.__version__, "img_s": s["ips"], "ms_step": s["phases"][-1],
+            "ms_fwd_bwd_clip_opt": s["phases"][:4], "mfu": s["mfu"],
+            "peak_gib": s["mem"] if device_type == "cuda" else None, "compile_s": s["first_s"],
+            "compiled": s["compiled"], "compile_mode": compile_mode, "sdpa": sdpa, "precision": precision,
+            "compile_scope": compile_scope if s["name"] == "ours" else "unet",  # diffusers' UNet is compiled whole
+            "grad_ckpt": grad_ckpt, "batch_size": batch_size, "resolution": resolution,
+            "params": sum(p.numel() for p in s["net"].parameters()),
+            "command": "python bench.py " + shlex.join(sys.argv[1:]), "git_sha": SHA}
     with open(record, "a") as f:
-        for s, name in zip(done, record_as):
-            line = {"mode": name or s["name"], "side": s["name"], "device": dev_name, "device_type": device_type,
-                    "torch": torch.__version__, "img_s": s["ips"], "ms_step": s["phases"][-1],
-                    "ms_fwd_bwd_clip_opt": s["phases"][:4], "mfu": s["mfu"],
-                    "peak_gib": s["mem"] if device_type == "cuda" else None, "compile_s": s["first_s"],
-                    "compiled": s["compiled"], "compile_mode": compile_mode, "sdpa": sdpa, "precision": precision,
-                    "grad_ckpt": grad_ckpt, "batch_size": batch_size, "resolution": resolution,
-                    "params": sum(p.numel() for p in s["net"].parameters()), "command": command, "git_sha": SHA}
-            if s["name"] == "ours" and ratio is not None:
-                line["ratio_vs_diffusers"] = ratio
-            f.write(json.dumps(line) + "\n")
+        f.write(json.dumps(line) + "\n")
 
 
 def trace(side):
@@ -379,9 +388,8 @@ if channels_last:
 if compare:
     nets.append(("diffusers", AsOurs(theirs, batch["time_ids"]), compile and compile_diffusers))
 sides = [make_side(*n) for n in nets]
-SHA = perf.git_sha()  # now, not in the exit hook
-atexit.register(write_records)
-signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # a time limit: exit through atexit
+SHA = perf.git_sha()
+signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # a time limit: a clean exit, 143
 
 for s in sides:
     s["flops"] = count_flops(s["net"]) / batch_size
@@ -399,6 +407,7 @@ if alternate:
             trace(s)
     for s in sides:
         s["ips"] = report(s)
+        write_record(s)
 else:
     if compare:
         theirs.to("cpu")  # parked while ours runs
@@ -410,6 +419,7 @@ else:
         if profile:
             trace(s)
         s["ips"] = report(s)
+        write_record(s)
         s["net"].to("cpu")
         s["opt"] = s["fwd"] = None  # free the optimizer state (.to("cpu") took weights and grads) before the next side
         if device_type == "cuda":

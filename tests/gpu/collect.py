@@ -6,8 +6,10 @@ targets of bench.py judged met or missed), and prints the table and the targets.
     python tests/gpu/collect.py OUT [--train_dir=DIR] [--assets=DIR]
 
 OUT holds records.jsonl (bench.py --record), train.log and resume.log (train.py's output, the command on the
-first line after `$ `); --train_dir is the train run's out_dir (run.json: device, torch, git sha; the export);
---assets also writes results.json and results.md there.
+first line after `$ `) and run.json (the train run's device, torch and git sha); --train_dir is the train run's
+out_dir (the export, and run.json when OUT has none); --assets also writes results.json and results.md there.
+A records line that cannot be read (cut by a kill mid-write) is skipped with a note; a mode recorded twice (a later
+call on the same machine measured it again) keeps its last record.
 """
 import json
 import os
@@ -21,6 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 ITER = re.compile(r"^iter (\d+): loss .*?, ([\d.]+) img/s, (\d+) ms/it, mfu ([\d.]+%|-), mem ([\d.]+GiB|-),")
 BUCKET = re.compile(r"^compiled bucket (\d+x\d+): ([\d.]+) s")
 WARM = re.compile(r"^compiled (\d+) buckets in ([\d.]+) s")
+READY = re.compile(r"^ready in .*")
 
 
 def targets():
@@ -43,8 +46,10 @@ def parse_train_log(text):
                           "mem_gib": float(m[5][:-3]) if m[5] != "-" else None})
     buckets = {m[1]: float(m[2]) for m in map(BUCKET.match, lines) if m}
     warm = [float(m[2]) for m in map(WARM.match, lines) if m]
+    ready = [l for l in lines if READY.match(l)]
     return {"command": command, "iters": iters, "buckets": buckets,
-            "compile_s": warm[0] if warm else (sum(buckets.values()) if buckets else None)}
+            "compile_s": warm[0] if warm else (sum(buckets.values()) if buckets else None),
+            "ready": ready[0] if ready else None, "exported": any(l.startswith("exported ") for l in lines)}
 
 
 def train_record(mode, log, run):
@@ -59,35 +64,69 @@ def train_record(mode, log, run):
 
 
 def bench_records(lines):
-    """Results records from bench.py --record lines (their other fields are dropped)."""
+    """(records, notes) from bench.py --record lines (their other fields are dropped). A line that is not a whole
+    record is skipped with a note. ratio_vs_diffusers is computed here, on an ours record from the diffusers record
+    that follows it with the same command (bench.py writes each side's line as soon as that side is measured,
+    ours first, so neither line can hold the ratio)."""
+    raws, notes = [], []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+        except ValueError:  # cut mid-line
+            raw = None
+        missing = ([k for k in KEYS if k != "ratio_vs_diffusers" and k not in raw] if isinstance(raw, dict)
+                   else ["whole JSON object"])
+        if missing:
+            notes.append(f"records.jsonl line {n} skipped (damaged: no {', '.join(missing)}): {line.strip()[:80]}")
+            continue
+        raws.append(raw)
     out = []
-    for line in lines:
-        raw = json.loads(line)
-        out.append({k: raw[k] for k in KEYS if k in raw})
-    return out
+    for i, raw in enumerate(raws):
+        rec = {k: raw[k] for k in KEYS if k in raw}
+        theirs = raws[i + 1] if i + 1 < len(raws) else {}
+        if (raw.get("side") == "ours" and theirs.get("side") == "diffusers" and theirs["command"] == raw["command"]
+                and theirs["img_s"]):
+            rec["ratio_vs_diffusers"] = raw["img_s"] / theirs["img_s"]
+        out.append(rec)
+    return out, notes
 
 
 def collect(out, train_dir=""):
     """(records, notes) from one run.sh call's folder."""
     run = {}
-    if train_dir and os.path.exists(os.path.join(train_dir, "run.json")):
-        run = json.load(open(os.path.join(train_dir, "run.json")))
+    for folder in (out, train_dir):
+        if folder and os.path.isfile(os.path.join(folder, "run.json")):
+            run = json.load(open(os.path.join(folder, "run.json")))
+            break
     records, notes = [], []
     for mode, name in (("train_e2e", "train.log"), ("train_resume", "resume.log")):
         path = os.path.join(out, name)
-        if not os.path.exists(path):
+        if not os.path.isfile(path):
             continue
         log = parse_train_log(open(path, errors="replace").read())
         if log["iters"]:
             records.append(train_record(mode, log, run))
+        if log["ready"]:
+            notes.append(f"{mode}: {log['ready']}")
         if log["buckets"]:
             per_bucket = ", ".join(f"{b} {s:.1f} s" for b, s in log["buckets"].items())
             notes.append(f"{mode}: compile per bucket {per_bucket}")
         last = log["iters"][-1]["iter"] if log["iters"] else "-"
-        notes.append(f"{mode}: {len(log['iters'])} log lines, last iter {last}")
+        notes.append(f"{mode}: {len(log['iters'])} log lines, last iter {last}, "
+                     f"{'exported' if log['exported'] else 'not exported'}")
     path = os.path.join(out, "records.jsonl")
-    if os.path.exists(path):
-        records += bench_records([l for l in open(path) if l.strip()])
+    if os.path.isfile(path):
+        bench, bad = bench_records(open(path, errors="replace").readlines())
+        records += bench
+        notes += bad
+    by_mode = {}  # the last record of each mode, in the order the modes first came
+    for r in records:
+        if r["mode"] in by_mode:
+            notes.append(f"{r['mode']}: measured again, the last record kept")
+        by_mode[r["mode"]] = r
+    records = list(by_mode.values())
     if train_dir:
         f = os.path.join(train_dir, "model.safetensors")
         exported = os.path.exists(f) and os.path.isdir(os.path.join(train_dir, "diffusers"))
