@@ -120,3 +120,49 @@ def test_damaged_vocabularies_are_refused(vocab, tmp_path):
     # Windows line ends are read as transformers reads them
     crlf = tokenizer.load_tokenizer(_write_vocab(str(tmp_path / "crlf"), vocab_text, merges_text.replace("\n", "\r\n")))
     assert torch.equal(crlf(CAPTIONS), tok(CAPTIONS))
+
+
+# -----------------------------------------------------------------------------
+# the sharded checkpoint (DCP), in one process of a gloo group
+
+_DCP = """
+    import os, resource, signal, sys
+    import torch, torch.distributed as dist
+    import configurator, sharding
+    configurator.configure({}, argv=[], exit_on_error=True)  # the entry scripts' way: a UserError is one line, exit 2
+    folder, mode = sys.argv[1], sys.argv[2]
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    tensors = {"w": torch.arange(300_000, dtype=torch.float32), "b": torch.ones(7)}
+    if mode in ("save", "full"):
+        sharding.save_sharded(folder, tensors, {"iter_num": 1}, True)
+    if mode == "full":  # a second checkpoint on a disk too small for it
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+        sharding.save_sharded(folder, {"w": tensors["w"] + 1, "b": tensors["b"]}, {"iter_num": 2}, True)
+    else:
+        try:  # as train.py's resume does
+            sharding.load_sharded(folder, {"w": torch.zeros(300_000), "b": torch.zeros(7)})
+        except (Exception, sharding.dcp.api.CheckpointException) as e:
+            raise configurator.UserError(f"cannot resume from {folder}: damaged ({type(e).__name__})") from None
+"""
+
+
+def test_full_disk_under_sharded_save_is_one_line(tmp_path):
+    folder = str(tmp_path / "ckpt")
+    r = python(_DCP, folder, "full")
+    one_line(r, "no space left writing", "ckpt/", "GiB", "untouched")
+    assert os.listdir(tmp_path) == ["ckpt"], os.listdir(tmp_path)  # no ckpt.new left
+    r = python(_DCP, folder, "load")  # the first checkpoint is whole
+    assert r.returncode == 0 and not r.stderr.strip(), r.stderr[-2000:]
+
+
+def test_damaged_dcp_index_is_one_line(tmp_path):
+    folder = str(tmp_path / "ckpt")
+    assert python(_DCP, folder, "save").returncode == 0
+    meta = os.path.join(folder, ".metadata")
+    with open(meta, "rb") as f:
+        whole = f.read()
+    for damaged in (whole[:len(whole) // 2], b"\x00not a pickle"):
+        with open(meta, "wb") as f:
+            f.write(damaged)
+        one_line(python(_DCP, folder, "load"), "cannot resume from", "damaged")
