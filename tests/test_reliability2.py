@@ -166,3 +166,27 @@ def test_damaged_dcp_index_is_one_line(tmp_path):
         with open(meta, "wb") as f:
             f.write(damaged)
         one_line(python(_DCP, folder, "load"), "cannot resume from", "damaged")
+
+
+# -----------------------------------------------------------------------------
+# temp files a dead process left
+
+def test_remove_temps_takes_only_our_temp_files(tmp_path):
+    run = tmp_path / "run"
+    (run / "diffusers" / "unet").mkdir(parents=True)
+    (run / "cache" / "ab").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    left = files.atomic_path(str(run / "model.safetensors"))  # a write whose process died inside the block
+    dead = left.__enter__()
+    ours = [dead, str(run / "diffusers" / "unet" / ".config.json.k2_9xq0z.tmp")]
+    theirs = [run / "notes.tmp", run / ".hidden.tmp", run / ".x.ABCDEFGH.tmp", run / ".x.abcdefg.tmp",
+              run / "x.abcdefgh.tmp", run / "cache" / "ab" / ".e.safetensors.abcdefgh.tmp",
+              tmp_path / "elsewhere" / ".y.abcdefgh.tmp"]
+    for p in ours[1:] + theirs:
+        open(p, "w").close()
+    os.symlink(tmp_path / "elsewhere" / ".y.abcdefgh.tmp", run / ".link.abcdefgh.tmp")  # a symlink stays
+    os.symlink(tmp_path / "elsewhere", run / "linked")  # a symlinked folder is not entered
+    removed = files.remove_temps(str(run), keep=[str(run / "cache")])
+    assert sorted(removed) == sorted(ours) and not any(os.path.exists(p) for p in ours)
+    assert all(os.path.exists(p) for p in theirs) and os.path.islink(run / ".link.abcdefgh.tmp")
+    assert files.remove_temps(str(run)) == [str(run / "cache" / "ab" / ".e.safetensors.abcdefgh.tmp")]
