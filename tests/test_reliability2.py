@@ -190,3 +190,76 @@ def test_remove_temps_takes_only_our_temp_files(tmp_path):
     assert sorted(removed) == sorted(ours) and not any(os.path.exists(p) for p in ours)
     assert all(os.path.exists(p) for p in theirs) and os.path.islink(run / ".link.abcdefgh.tmp")
     assert files.remove_temps(str(run)) == [str(run / "cache" / "ab" / ".e.safetensors.abcdefgh.tmp")]
+
+
+# -----------------------------------------------------------------------------
+# configurator
+
+def test_home_is_expanded_in_string_values(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    g = {"__file__": "x.py", "out_dir": "out", "prompts": "", "tag": "", "betas": (0.9, 0.95), "n": 1}
+    cfg = tmp_path / "c.py"
+    cfg.write_text("prompts = '~/prompts.txt'\n")
+    configurator.configure(g, ["--out_dir=~/runs/a", str(cfg), "--tag=~"])
+    assert g["out_dir"] == f"{tmp_path}/runs/a" and g["prompts"] == f"{tmp_path}/prompts.txt" and g["tag"] == str(tmp_path)
+    for kept in ("a~/b", "~user_is_not_expanded", "~~/x", "hf:a/~/b"):
+        configurator.configure(g, [f"--tag={kept}"])
+        assert g["tag"] == kept
+    # a config file named with '~/' too
+    configurator.configure(g, ["~/c.py"])
+    assert g["prompts"] == f"{tmp_path}/prompts.txt"
+
+
+def test_config_files_are_read_as_python_reads_them(tmp_path):
+    g = {"__file__": "x.py", "lr": 1e-5, "note": ""}
+    bad = tmp_path / "latin1.py"
+    bad.write_bytes(b"lr = 2e-5\nnote = 'caf\xe9'\n")
+    with pytest.raises(ValueError) as e:
+        configurator.configure(g, [str(bad)])
+    msg = str(e.value)
+    assert str(bad) in msg and "line 2" in msg and "not UTF-8" in msg and "codec" not in msg and "\n" not in msg
+    (tmp_path / "comment.py").write_bytes(b"lr = 2e-5\n\n# caf\xe9\n")  # python refuses to run it too
+    with pytest.raises(ValueError, match="comment.py line 3: not UTF-8"):
+        configurator.configure(g, [str(tmp_path / "comment.py")])
+    # a UTF-8 BOM (Windows editors) and a coding line are Python's rules, so they hold here too
+    (tmp_path / "bom.py").write_bytes(b"\xef\xbb\xbfnote = 'caf\xc3\xa9'\n")
+    configurator.configure(g, [str(tmp_path / "bom.py")])
+    assert g["note"] == "caf\u00e9"
+    (tmp_path / "coded.py").write_bytes(b"# -*- coding: latin-1 -*-\nnote = 'th\xe9'\n")
+    configurator.configure(g, [str(tmp_path / "coded.py")])
+    assert g["note"] == "th\u00e9"
+    # from the command line: one line naming the file
+    r = subprocess.run([sys.executable, "sample_ablation.py", str(bad)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    one_line(r, "latin1.py line 2", "not UTF-8")
+
+
+_SIGNALLED = """
+    import sys, time
+    import configurator, files
+    configurator.on_stop_signals()
+    with files.atomic_path(sys.argv[1]) as tmp:
+        open(tmp, "w").write("half")
+        print("writing", flush=True)
+        time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM])
+def test_stop_signals_end_like_sigterm(tmp_path, sig):
+    p = subprocess.Popen([sys.executable, "-c", textwrap.dedent(_SIGNALLED), str(tmp_path / "f.json")], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert p.stdout.readline() == "writing\n"
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 128 + sig and err.strip() == f"stopped by {signal.Signals(sig).name}", (p.returncode, err)
+    assert os.listdir(tmp_path) == [], "the temp file was left behind"
+
+
+def test_nohup_keeps_sighup_ignored():
+    r = python("""
+        import signal, configurator
+        configurator.on_stop_signals()
+        print(signal.getsignal(signal.SIGHUP) == signal.SIG_IGN, signal.getsignal(signal.SIGTERM) != signal.SIG_DFL)
+    """, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    assert r.stdout.split() == ["True", "True"], r.stdout + r.stderr
