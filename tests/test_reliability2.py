@@ -193,6 +193,80 @@ def test_remove_temps_takes_only_our_temp_files(tmp_path):
 
 
 # -----------------------------------------------------------------------------
+# sample_ablation.py
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """A tiny random checkpoint with train.py's export layout for the tokenizer, and one whose text encoders
+    embed fewer ids than that vocabulary has."""
+    d = tmp_path_factory.mktemp("tiny_sa")
+    path = str(d / "model.safetensors")
+    model.save_checkpoint(model.init_random_(model.SDXL(model.SDXLConfig.tiny()), seed=0), path, v_pred=True,
+                          ztsnr=True)
+    demo.build_tiny_vocab(str(d / "diffusers" / "tokenizer"), CAPTIONS)
+    (d / "small").mkdir()
+    small = str(d / "small" / "model.safetensors")
+    model.save_checkpoint(model.init_random_(model.SDXL(model.SDXLConfig.tiny(vocab_size=300)), seed=0), small,
+                          v_pred=True, ztsnr=True)
+    return path, small, str(d / "diffusers" / "tokenizer")
+
+
+def sample_ablation(*args, **kw):
+    return subprocess.run([sys.executable, "sample_ablation.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, **kw)
+
+
+FAST = ["--steps=1", "--height=64", "--prompts=a cat", "--panels=[(0.024, True, 'v')]", "--quant_n=2"]
+
+
+def test_sample_ablation_checks_before_sampling_and_never_clobbers(tiny_ckpt, tmp_path):
+    ckpt, small, vocab_dir = tiny_ckpt
+    sa = lambda *a: sample_ablation(f"--ckpt={ckpt}", *FAST, *a)
+    # a run folder: its run.json is never replaced, --overwrite or not
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "run.json").write_text('{"iter": 7}')
+    for extra in ([], ["--overwrite=True"]):
+        one_line(sa(f"--out={run_dir}/run.png", *extra), "did not write", "run.json")
+    assert snapshot(run_dir) == {"run.json": b'{"iter": 7}'}
+    # files of its own: replaced only when asked
+    (tmp_path / "g.png").write_bytes(b"an older grid")
+    one_line(sa(f"--out={tmp_path}/g.png"), "exist already", "--overwrite=True")
+    assert (tmp_path / "g.png").read_bytes() == b"an older grid"
+    one_line(sa(f"--out={tmp_path}/g.json"), "must name a .png")
+    # what the files show, before a single image is sampled
+    (tmp_path / "no_images").mkdir()
+    (tmp_path / "no_images" / "a.txt").write_text("a caption without its image")
+    r = sa(f"--out={tmp_path}/h.png", f"--dataset_dir={tmp_path}/no_images")
+    one_line(r, "no usable images")
+    assert "panel 1/1" not in r.stdout and not (tmp_path / "h.png").exists()
+    one_line(sample_ablation(f"--ckpt={small}", f"--tokenizer={vocab_dir}", *FAST, f"--out={tmp_path}/h.png"),
+             "tokens, but the text encoders", "embed 300")
+    for seeds in ("[18446744073709551616]", "[-1]"):
+        one_line(sa(f"--out={tmp_path}/h.png", f"--seeds={seeds}"), "seeds")
+    one_line(sa(f"--out={tmp_path}/h.png", "--quant_seed=18446744073709551616"), "--quant_seed")
+    assert not (tmp_path / "h.png").exists()
+
+
+def test_sample_ablation_stops_cleanly_on_sigterm(tiny_ckpt, tmp_path):
+    ckpt, _, _ = tiny_ckpt
+    (tmp_path / "tmp").mkdir()
+    p = subprocess.Popen([sys.executable, "-u", "sample_ablation.py", f"--ckpt={ckpt}", *FAST, "--quant_n=8",
+                          "--batch_size=1", f"--out={tmp_path}/g.png"], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(tmp_path / "tmp")})
+    for line in p.stdout:
+        if line.startswith("wrote "):  # the grid is written; the error table starts
+            p.send_signal(signal.SIGTERM)
+            break
+    out, err = p.communicate(timeout=120)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert p.returncode == 128 + signal.SIGTERM and len(lines) == 1 and "Traceback" not in out + err, out + err
+    left = [name for name in os.listdir(tmp_path / "tmp") if name.startswith("quant_shapes_")]
+    assert not left, "the synthetic held-out images were left behind"
+    assert sorted(os.listdir(tmp_path)) == ["g.png", "tmp"]  # the grid, whole; no temp file, no JSON
+
+
+# -----------------------------------------------------------------------------
 # configurator
 
 def test_home_is_expanded_in_string_values(tmp_path, monkeypatch):
