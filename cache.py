@@ -69,8 +69,8 @@ def weights_fingerprint(*modules):
     """A hash of modules' weights: every tensor's name, shape and values (floats as fp32 values, so the same
     weights held in fp16, bf16 or fp32 hash alike: the encoders always run in fp32). Part of cache keys, so it
     must see any change: a sample of the tensors misses a VAE that differs in the others. Each tensor is hashed
-    on its own in a thread pool (hashlib releases the GIL): the SDXL VAE (0.33 GB in fp32) takes 0.4 s and both
-    text encoders (3.3 GB) 3.9 s on 2 CPU cores, once per run."""
+    on its own (big ones in a thread pool: hashlib releases the GIL): the SDXL VAE (0.33 GB in fp32) takes 0.3-0.7 s
+    and both text encoders (3.3 GB) 2-6 s on a shared 2-core CPU, once per run."""
     tensors = [(f"{i}.{k}", t) for i, m in enumerate(modules) for k, t in sorted(m.state_dict().items())]
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # big tensors there, small ones here (a
         # thread hand-off costs more than hashing a small tensor)
