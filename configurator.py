@@ -9,7 +9,8 @@ which applies, left to right (later wins):
 - `config/X.py`: a config file, executed as Python in a namespace seeded with the current values. Config
   files are TRUSTED code (as in nanoGPT): never run one you did not read. Relative paths are looked up in
   the working directory first, then in this repo, so scripts work from any directory.
-- `--key=value`: the value is parsed with ast.literal_eval (never exec); if that fails it is a string.
+- `--key=value`: the value is parsed with ast.literal_eval (never exec); if that fails it is a string. A string
+  that starts with `~/` has the home folder put in, as the shell would at the start of a word.
 Fixes over nanoGPT: an unknown key fails naming the close matches; an int is accepted for a float; bools
 accept true/false/yes/no/1/0; `--help` lists every key with its default and comment.
 
@@ -19,10 +20,12 @@ stderr and exit with status 2, with no traceback (tracebacks are kept for bugs).
 """
 import ast
 import difflib
+import io
 import math
 import os
 import re
 import sys
+import tokenize
 import types
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -59,6 +62,24 @@ def check_device(device):
     if not re.fullmatch(r"cpu|cuda(:\d+)?", device) or (device != "cpu" and int(device[5:] or 0) >= n):
         raise UserError(f"config error: --device={device!r}: this machine has {n} CUDA devices; use cpu, cuda or "
                         f"cuda:N")
+
+
+def on_stop_signals(handler=None):
+    """Send SIGINT (Ctrl-C), SIGTERM (kill, a scheduler's time limit) and SIGHUP (the terminal or ssh session that
+    started the process closed) to handler(signum, frame), so each ends a run the same way. A SIGHUP that the
+    parent set to be ignored (nohup) stays ignored. The default handler stops at once: one line on stderr, then
+    SystemExit(128 + signum) in the main thread, so finally blocks and context managers remove their temp files
+    on the way out (the signal's default action would kill the process where it stands)."""
+    import signal
+
+    def stop(signum, frame):
+        print(f"stopped by {signal.Signals(signum).name}", file=sys.__stderr__, flush=True)
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
+            continue
+        signal.signal(sig, handler or stop)
 
 
 def _user_error_hook(kind, err, tb):
@@ -141,7 +162,37 @@ def _unknown(key, keys):
     return ValueError(f"unknown config key {key!r}{hint}")
 
 
+def _home(value, default=""):
+    """A string value of a string key that starts with '~/' (or is '~') with the home folder put in: the shell
+    expands '~' only at the start of a word, so --out_dir=~/runs reaches us as it is and would make a folder named
+    '~' here. No config key takes such a string as anything but a path ('~user' and a '~' later in the string
+    stay as they are)."""
+    if isinstance(default, str) and isinstance(value, str) and (value == "~" or value.startswith("~/")):
+        return os.path.expanduser(value)
+    return value
+
+
+def _python_text(path, source):
+    """A config file's bytes decoded as Python decodes a .py file it runs (UTF-8, a BOM allowed, or the encoding a
+    coding line names; every line, comments included); a ValueError naming the line that is not."""
+    hint = "save it as UTF-8 (or name its encoding in a '# -*- coding: NAME -*-' first line)"
+    if b"\0" in source:
+        raise ValueError(f"{path} holds NUL bytes: it is not UTF-8 text (UTF-16?); {hint}")
+    try:
+        encoding = tokenize.detect_encoding(io.BytesIO(source).readline)[0]
+    except SyntaxError as e:  # the first two lines are not UTF-8, or a coding line names no known encoding
+        why = "not UTF-8 text" if "invalid or missing" in e.msg else e.msg
+        raise ValueError(f"{path} line 1: {why}; {hint}") from None
+    try:
+        return source.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = source[:e.start].count(b"\n") + 1
+        name = "UTF-8" if encoding.startswith("utf-8") else encoding
+        raise ValueError(f"{path} line {line}: not {name} text; {hint}") from None
+
+
 def _find_file(arg):
+    arg = _home(arg)
     for p in (arg, os.path.join(REPO, arg)):
         if os.path.isfile(p):
             return p
@@ -193,7 +244,13 @@ def _configure(g, argv):
             print(f"config: {path}")
             ns = {k: g[k] for k in keys}
             try:
-                exec(compile(open(path, encoding="utf-8").read(), path, "exec"), ns)
+                with open(path, "rb") as f:
+                    source = f.read()
+            except OSError as e:
+                raise ValueError(f"cannot read config file {path}: {e.strerror}") from None
+            text = _python_text(path, source)
+            try:
+                exec(compile(text, path, "exec"), ns)
             except Exception as e:  # the user's Python: say where, not a traceback into this file
                 tb = e.__traceback__.tb_next  # the user's frame (a SyntaxError carries its line instead)
                 line = getattr(e, "lineno", None) or (tb.tb_lineno if tb else "?")
@@ -203,7 +260,7 @@ def _configure(g, argv):
                     continue
                 if k not in keys:
                     raise _unknown(k, keys)
-                g[k] = _coerce(k, v, g[k])
+                g[k] = _coerce(k, _home(v, g[k]), g[k])
         else:
             key, eq, val = arg[2:].partition("=")
             if not eq:
@@ -216,6 +273,6 @@ def _configure(g, argv):
                 value = val  # a bare string, e.g. --init_from=resume
             if isinstance(g[key], str) and not isinstance(value, str):
                 value = val  # --out_dir=2024 is the string '2024'
-            g[key] = _coerce(key, value, g[key])
+            g[key] = _coerce(key, _home(value, g[key]), g[key])
             print(f"config: {key} = {g[key]!r}")
     return {k: g[k] for k in keys}

@@ -8,7 +8,9 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
+import stat
 import tempfile
 
 from configurator import UserError
@@ -51,6 +53,34 @@ def atomic_path(path, size=None):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+# atomic_path's temp names: mkstemp(prefix=".NAME.", suffix=".tmp") puts 8 of [a-z0-9_] between them
+_TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp", re.DOTALL)  # (DOTALL: a file's name may hold a newline)
+
+
+def remove_temps(folder, keep=()):
+    """Remove the temp files that atomic_path leaves when its process dies mid-write (kill -9, a power cut):
+    files named .NAME.XXXXXXXX.tmp anywhere under folder, and nothing else (no symlink, no other name). Call it
+    with the folder's lock held (lock()), so that no live run is writing them. Folders in keep (a cache another
+    run may be writing at the same time) and symlinked folders are not entered. Prints and returns what it removed."""
+    keep = {os.path.realpath(k) for k in keep}
+    removed = []
+    if os.path.realpath(folder) in keep:
+        return removed
+    for root, dirs, names in os.walk(folder):  # (os.walk does not follow symlinked folders)
+        dirs[:] = [d for d in dirs if os.path.realpath(os.path.join(root, d)) not in keep]
+        for name in names:
+            path = os.path.join(root, name)
+            try:
+                if not (_TEMP_NAME.fullmatch(name) and stat.S_ISREG(os.lstat(path).st_mode)):
+                    continue
+                os.remove(path)
+            except FileNotFoundError:  # gone meanwhile
+                continue
+            removed.append(path)
+            print(f"removed {path}: a temp file left by a write that did not finish")
+    return removed
 
 
 def write_bytes(path, data):

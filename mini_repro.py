@@ -233,7 +233,7 @@ def main():
     for name in ("eps", "vpred"):  # same prompts, seeds and held-out images for both
         run("sample_ablation.py", f"--ckpt={P(name, 'model.safetensors')}", f"--out={P(f'ablation_{name}.png')}",
             f"--steps={sample_steps}", f"--prompts={P('prompts.txt')}", "--seeds=[0, 1]", "--height=64",
-            f"--dataset_dir={P('images')}", f"--quant_n={eval_items}")
+            f"--dataset_dir={P('images')}", f"--quant_n={eval_items}", "--overwrite=True")  # (a rerun's own files)
 
     stage("report")  # ----------------------------------------------------------------------------------------
     read_jsonl = lambda p: [json.loads(line) for line in open(p)]

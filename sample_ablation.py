@@ -21,7 +21,8 @@ Launch:
     python sample_ablation.py --ckpt=hf:stabilityai/stable-diffusion-xl-base-1.0/sd_xl_base_1.0.safetensors \\
         --out=base.png --panels="[(0.012, False, 'eps', 'SDXL base'), (0.012, False, 'v')]"               # other ablations
     python sample_ablation.py --help                                                                    # every key
-Writes FILE.png and FILE.json (the exact settings, the checkpoint's markers, the quant table).
+Writes FILE.png and FILE.json (the exact settings, the checkpoint's markers, the quant table); an existing one is
+replaced only with --overwrite=True, and a JSON this script did not write (train.py's run.json) never is.
 """
 import math
 import os
@@ -47,6 +48,7 @@ from configurator import UserError, UserFileNotFound
 # -----------------------------------------------------------------------------
 ckpt = ""  # single-file sgm checkpoint: local .safetensors or hf:REPO/FILE
 out = "ablation.png"  # grid PNG; the JSON with the exact settings goes beside it (same stem)
+overwrite = False  # replace an existing --out PNG and the ablation JSON beside it (otherwise it refuses)
 tokenizer = ""  # vocab.json + merges.txt folder (or one with tokenizer/ inside) or hf:REPO; '' = <ckpt dir>/diffusers if train.py exported it there, else hf:stabilityai/stable-diffusion-xl-base-1.0
 prompts = ""  # file with one prompt per line, or 'p1|p2|...'; '' = the built-in prompts
 max_token_length = 75  # 75 | 150 | 225: prompts as 1 | 2 | 3 chunks of 77 positions; the model's training setting (docs/sdxl_format.md §8)
@@ -72,6 +74,7 @@ _PROMPTS = ("a photo of a cat sitting on a windowsill, soft morning light",
             "a watercolor painting of a lighthouse on a cliff at dusk",
             "a black square on a white background, top left")
 _NBINS = 10  # t-bins of the table: 10 bins of 100 steps
+_SEED_MAX = 2 ** 64 - 1  # torch.Generator.manual_seed takes 64 bits
 
 
 def panel_list(specs):
@@ -278,17 +281,23 @@ def format_table(res):
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [head] + rows)
 
 
-def held_out(sdxl, tok, folder, n, H, W, seed, device, max_token_length=75):
-    """(latents x0 = VAE mean * scale, context, pooled, time_ids) of the first n images of folder at H x W, or of
-    n synthetic shapes (seed != train.py's 0, so not its training images) when folder is ''."""
-    tmp = None
-    if not folder:
-        folder = tmp = tempfile.mkdtemp(prefix="quant_shapes_")
-        demo.make_synthetic_dataset(folder, n=n, seed=seed)  # demo.py's sizes, resized to H x W like training
-    try:
-        items = data.scan_dataset(folder, buckets=[(H, W)], seed=seed, min_pixels=0)[:n]
-        if not items:
-            raise UserError(f"--dataset_dir={folder}: no usable images for the error table")
+def held_out_items(folder, n, H, W, seed):
+    """The first n usable images of folder (by path) planned at H x W; a UserError if there is none. Called
+    before any sampling, so a folder without images costs nothing."""
+    items = data.scan_dataset(folder, buckets=[(H, W)], seed=seed, min_pixels=0)[:n]
+    if not items:
+        raise UserError(f"--dataset_dir={folder}: no usable images for the error table (see the lines above)")
+    return items
+
+
+def held_out(sdxl, tok, items, n, H, W, seed, device, max_token_length=75):
+    """(latents x0 = VAE mean * scale, context, pooled, time_ids) of items (held_out_items), or of n synthetic
+    shapes at H x W (seed != train.py's 0, so not its training images) when items is None."""
+    tmp = tempfile.mkdtemp(prefix="quant_shapes_") if items is None else None
+    try:  # (a stop signal raises SystemExit in here too: the synthetic folder is removed either way)
+        if tmp:
+            demo.make_synthetic_dataset(tmp, n=n, seed=seed)  # demo.py's sizes, resized to H x W like training
+            items = held_out_items(tmp, n, H, W, seed)
         mean = torch.cat([cache.encode_images(sdxl.vae, items[i:i + 4], device) for i in range(0, len(items), 4)])
     finally:
         if tmp:
@@ -330,6 +339,35 @@ def read_prompts(spec):
     return prompts
 
 
+def check_outputs(png, overwrite):
+    """The JSON path beside png; a UserError, before anything is loaded, if --out cannot be a grid PNG or if
+    writing would replace a file without --overwrite=True. A JSON there that this script did not write (train.py's
+    run.json, say) is never replaced."""
+    if os.path.splitext(png)[1].lower() != ".png":
+        raise UserError(f"config error: --out={png!r} must name a .png file (the grid; its JSON goes beside it)")
+    if os.path.isdir(png):
+        raise UserError(f"config error: --out={png!r} is a folder; name the grid's file, e.g. {png.rstrip('/')}/ablation.png")
+    jpath = os.path.splitext(png)[0] + ".json"
+    if os.path.exists(jpath) and not _is_ablation_json(jpath):
+        raise UserError(f"--out={png!r}: its JSON would replace {jpath}, which sample_ablation.py did not write; "
+                        f"pick another --out")
+    there = [p for p in (png, jpath) if os.path.exists(p)]
+    if there and not overwrite:
+        raise UserError(f"--out={png!r}: {' and '.join(there)} exist already; pass --overwrite=True to replace "
+                        f"{'them' if len(there) > 1 else 'it'}, or pick another --out")
+    return jpath
+
+
+def _is_ablation_json(path):
+    import json
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(obj, dict) and {"config", "panels", "ckpt_markers", "timesteps"} <= obj.keys()
+
+
 def write_json(obj, path):
     clean = lambda v: None if isinstance(v, float) and math.isnan(v) else v  # strict JSON: NaN -> null
     walk = lambda o: {k: walk(v) for k, v in o.items()} if isinstance(o, dict) else \
@@ -338,19 +376,21 @@ def write_json(obj, path):
 
 
 def main():
+    configurator.on_stop_signals()  # Ctrl-C, SIGTERM, SIGHUP: one line, temp files removed, exit 128 + signal
     config = configurator.configure(globals())
     # everything the config shows, before anything is loaded
     configurator.check(config, choices={"dtype": ("", "float32", "bfloat16", "float16"),
                                         "max_token_length": clip_tokenizer.MAX_TOKEN_LENGTHS},
                        at_least={"height": 0, "width": 0, "batch_size": 1, "quant_n": 1},
                        within={"steps": (1, 1000), "guidance": (-math.inf, math.inf), "phi": (0, 1),
-                               "train_beta_end": (0, 1)})
+                               "train_beta_end": (0, 1), "quant_seed": (0, _SEED_MAX)})
     if not ckpt:
         raise UserError("config error: set --ckpt=PATH.safetensors or --ckpt=hf:OWNER/NAME/FILE")
     if device:
         configurator.check_device(device)
-    if not seeds or not all(isinstance(s, int) for s in seeds):
-        raise UserError(f"config error: --seeds={seeds!r} must be a non-empty list of integers")
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= _SEED_MAX for s in seeds):
+        raise UserError(f"config error: --seeds={seeds!r} must be a non-empty list of integers in [0, 2**64 - 1] "
+                        f"(torch's generator seeds)")
     if not panels:
         raise UserError("config error: --panels is empty: give at least one (beta_end, zsnr, prediction) panel")
     if quant and dataset_dir and not os.path.isdir(dataset_dir):
@@ -361,6 +401,7 @@ def main():
     pds = panel_list(panels)
     check_sampling(pds)
     plist = read_prompts(prompts)
+    jpath = check_outputs(out, overwrite)
     files.make_dir(os.path.dirname(os.path.abspath(out)), "out")  # now, not after the sampling
     path = checkpoint.fetch(ckpt)
     try:
@@ -371,15 +412,21 @@ def main():
         W = width or H
         if H % m or W % m:
             raise UserError(f"config error: height and width must be multiples of {m} for this model, got {H}x{W}")
+        # the vocabulary and the held-out images, before the weights are read and anything is sampled
+        tok_spec = tokenizer
+        if not tok_spec:
+            exported = os.path.join(os.path.dirname(os.path.abspath(path)), "diffusers")
+            has = os.path.isfile(os.path.join(exported, "tokenizer", "vocab.json"))
+            tok_spec = exported if has else "hf:stabilityai/stable-diffusion-xl-base-1.0"
+        tok = clip_tokenizer.load_tokenizer(tok_spec)
+        n_ids = min(cfg.te1.vocab_size, cfg.te2.vocab_size)
+        if tok.vocab_size > n_ids:
+            raise UserError(f"tokenizer {tok_spec}: {tok.vocab_size} tokens, but the text encoders of {path} embed "
+                            f"{n_ids}: use the vocabulary the model was trained with (--tokenizer)")
+        quant_items = held_out_items(dataset_dir, quant_n, H, W, quant_seed) if quant and dataset_dir else None
         sdxl = checkpoint.load_checkpoint(path, device=dev, dtype=torch.float32).eval()
     except checkpoint.CheckpointError as e:
         raise UserError(f"cannot load {path}: {e}") from None
-    tok_spec = tokenizer
-    if not tok_spec:
-        exported = os.path.join(os.path.dirname(os.path.abspath(path)), "diffusers")
-        has = os.path.isfile(os.path.join(exported, "tokenizer", "vocab.json"))
-        tok_spec = exported if has else "hf:stabilityai/stable-diffusion-xl-base-1.0"
-    tok = clip_tokenizer.load_tokenizer(tok_spec)
     rows = [(p, s) for p in plist for s in seeds]
     print(f"{path}: v_pred marker {sdxl.v_pred}, ztsnr marker {sdxl.ztsnr}; {len(rows)} rows x {len(pds)} panels, "
           f"{H}x{W}, {steps} steps, guidance {guidance}, phi {phi}, on {dev}")
@@ -398,7 +445,8 @@ def main():
                                "prediction_type": meta.get("modelspec.prediction_type"),
                                "noise_schedule": meta.get("noise_schedule")}}
     if quant:
-        x0, qctx, qpool, qids = held_out(sdxl, tok, dataset_dir, quant_n, H, W, quant_seed, dev, max_token_length)
+        print(f"error table: encoding {len(quant_items) if quant_items else quant_n} held-out images")
+        x0, qctx, qpool, qids = held_out(sdxl, tok, quant_items, quant_n, H, W, quant_seed, dev, max_token_length)
         qnoise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(quant_seed)).to(dev)
         train_abar = schedule.alphas_cumprod(train_beta_end, train_zsnr)
         res = quant_ablation(unet_fn(sdxl, qctx, qpool, qids, batch_size, amp_dtype), x0, qnoise, pds, train_abar)
@@ -408,7 +456,6 @@ def main():
         print(format_table(res))
         result["quant"] = res
     result["seconds"] = round(time.time() - t_start, 2)
-    jpath = os.path.splitext(out)[0] + ".json"
     write_json(result, jpath)
     print(f"wrote {jpath}")
 

@@ -8,6 +8,7 @@ The FSDP resume state is a folder written with torch.distributed.checkpoint (DCP
 shards, no rank ever holds the whole optimizer state, and the folder loads into another process count
 (resharded by DCP) when the optimizer state is made of sharded tensors (adamw).
 """
+import errno
 import os
 import pickle
 import shutil
@@ -77,6 +78,45 @@ class _MetadataUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+class _Writer(dcp.FileSystemWriter):
+    """DCP's FileSystemWriter, except that a write that fails for lack of space raises an OSError with that errno.
+    DCP hands each rank's exception to every rank pickled, and a pickle drops the cause: torch.save's zip writer
+    reports a short write as 'unexpected pos ...' with the OSError only as its cause, so a full disk would reach
+    save_sharded as a message that names no errno."""
+
+    def write_data(self, *args, **kwargs):
+        try:
+            return super().write_data(*args, **kwargs)
+        except Exception as e:
+            _raise_no_room(e)
+            raise
+
+    def finish(self, *args, **kwargs):  # (rank 0 writes .metadata here)
+        try:
+            return super().finish(*args, **kwargs)
+        except Exception as e:
+            _raise_no_room(e)
+            raise
+
+
+def _raise_no_room(e):
+    if files.no_room(e):  # a plain OSError pickles whole, errno included
+        raise OSError(errno.ENOSPC, "No space left on device (or quota, or file-size limit)") from e
+
+
+def _no_room(e):
+    """True if e, or what any rank's DCP failure (a CheckpointException's failures) came from, is a lack of space."""
+    failures = getattr(e, "failures", None) or {}
+    return files.no_room(e) or any(files.no_room(f[0] if isinstance(f, tuple) else f) for f in failures.values())
+
+
+def _nbytes(tree):
+    """Bytes of this rank's part of the tensors in a nested dict."""
+    if isinstance(tree, dict):
+        return sum(_nbytes(v) for v in tree.values())
+    return local(tree).numel() * tree.element_size() if isinstance(tree, torch.Tensor) else 0
+
+
 def save_sharded(folder, tensors, plain, master):
     """Write `tensors` (a nested dict of tensors and DTensors; each rank's own entries under keys of its own)
     with DCP and `plain` (plain values, rank 0's) as run.pt, into a new folder that then replaces `folder`:
@@ -86,7 +126,7 @@ def save_sharded(folder, tensors, plain, master):
         shutil.rmtree(new)
     dist.barrier()
     try:
-        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(new))
+        dcp.save(tensors, storage_writer=_Writer(new))
         if master:
             with files.atomic_path(os.path.join(new, "run.pt")) as tmp, open(tmp, "wb") as f:
                 torch.save(plain, f)
@@ -94,10 +134,11 @@ def save_sharded(folder, tensors, plain, master):
     except BaseException as e:  # (DCP's own CheckpointException is a BaseException)
         if master:
             shutil.rmtree(new, ignore_errors=True)
-        if files.no_room(e):
+        if _no_room(e):
             free = shutil.disk_usage(os.path.dirname(os.path.abspath(folder))).free / 2**30
-            raise UserError(f"no space left writing {folder}/ ({free:.2f} GiB free there); free some space and "
-                            "resume from the previous checkpoint, which is untouched") from None
+            raise UserError(f"no space left writing {folder}/: this process's shards need {_nbytes(tensors) / 2**30:.2f} "
+                            f"GiB, {free:.2f} GiB are free there; free some space and resume from the previous "
+                            "checkpoint, which is untouched") from None
         raise
     if master:
         if os.path.exists(folder):
@@ -118,8 +159,21 @@ def load_sharded(folder, tensors):
     """Fill `tensors` (the same nested structure, DTensors with this run's sharding) in place from `folder`,
     resharding what was saved by another process count; returns run.pt's plain values. Nothing is unpickled."""
     plain = torch.load(os.path.join(folder, "run.pt"), map_location="cpu", weights_only=True)
-    dcp.load(tensors, storage_reader=SafeReader(folder))
+    reader = SafeReader(folder)
+    # read .metadata once here: when DCP's loader cannot read it, it logs two tracebacks on stderr (falling back
+    # to per-rank metadata) before it raises, and those would come before the one line the caller prints
+    try:
+        metadata = reader.read_metadata()
+    except Exception as e:
+        raise CheckpointDamaged(f"{folder}/.metadata cannot be read ({type(e).__name__}: {e})") from None
+    if not isinstance(metadata, dcp.metadata.Metadata):
+        raise CheckpointDamaged(f"{folder}/.metadata holds a {type(metadata).__name__}, not DCP's metadata")
+    dcp.load(tensors, storage_reader=reader)
     return plain
+
+
+class CheckpointDamaged(ValueError):
+    """A sharded checkpoint's files cannot be read as one."""
 
 
 def like(param, t):

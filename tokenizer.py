@@ -69,11 +69,59 @@ def _byte_encode(piece):
 
 
 def _read_merges(path):
-    with open(path, encoding="utf-8") as f:
+    """merges.txt -> [(a, b), ...]: the '#version: ...' header line, then one pair per line (transformers' reading:
+    split on whitespace, so CRLF line ends pass). A ValueError names the first line that is not that."""
+    with open(path, encoding="utf-8-sig") as f:  # (a BOM before the header: transformers skips that line anyway)
         lines = f.read().split("\n")
-    if lines and lines[0].startswith("#version"):
-        lines = lines[1:]
-    return [tuple(line.split()) for line in lines if line.strip()]
+    if not lines[0].startswith("#version"):
+        # transformers drops line 1 whatever it holds: without the header it would lose the first merge
+        raise ValueError(f"merges.txt line 1 is {lines[0][:40]!r}, not the '#version: ...' header")
+    while len(lines) > 1 and not lines[-1].strip():
+        lines.pop()  # the file's last newline(s)
+    merges = []
+    for n, line in enumerate(lines[1:], start=2):
+        pair = tuple(line.split())
+        if len(pair) != 2:
+            raise ValueError(f"merges.txt line {n} is {line[:40]!r}, not two symbols separated by a space")
+        merges.append(pair)
+    return merges
+
+
+def clip_vocab(merges):
+    """The vocabulary CLIP builds from its merges (OpenAI's simple_tokenizer; SDXL's vocab.json is this): the 256
+    byte symbols, the same with '</w>', each merge's result, then the two specials, with ids in that order (a
+    symbol made twice keeps its first id)."""
+    symbols = list(bytes_to_unicode().values())
+    symbols += [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [BOS_TOKEN, EOS_TOKEN]
+    vocab = {}
+    for s in symbols:
+        vocab.setdefault(s, len(vocab))
+    return vocab
+
+
+def check_vocabulary(vocab, merges):
+    """Why vocab (token -> id, from vocab.json) and merges are not one CLIP vocabulary, or None. Each merge must
+    join symbols that the bytes or earlier merges make (else the file is garbled), and the ids must be
+    clip_vocab(merges) exactly: a merges.txt cut short, a vocab.json of another vocabulary or with ids moved
+    would otherwise give every caption other ids, silently."""
+    if not isinstance(vocab, dict) or not all(isinstance(k, str) and type(v) is int for k, v in vocab.items()):
+        return "vocab.json is not an object of token -> integer id"
+    made = set(bytes_to_unicode().values())
+    made |= {c + "</w>" for c in made}
+    for n, (a, b) in enumerate(merges, start=2):
+        if a not in made or b not in made:
+            return f"merges.txt line {n} ({a} {b}) joins a symbol that neither a byte nor an earlier merge makes"
+        made.add(a + b)
+    want = clip_vocab(merges)
+    if vocab == want:
+        return None
+    if len(vocab) != len(want):
+        return (f"vocab.json has {len(vocab)} tokens, but the 512 byte symbols, {len(merges)} merges and 2 specials "
+                f"of merges.txt make {len(want)}: one of the files is cut short or belongs to another vocabulary")
+    bad = next(k for k in want if vocab.get(k) != want[k])
+    got = "no id" if bad not in vocab else f"the id {vocab[bad]}"
+    return (f"vocab.json gives {bad!r} {got}, but merges.txt makes it id {want[bad]} (CLIP's ids follow from its "
+            f"merges): the two files do not belong together")
 
 
 def merge_pair(symbols, pair):
@@ -99,9 +147,26 @@ class CLIPTokenizer:
     """
 
     def __init__(self, vocab_path, merges_path):
-        with open(vocab_path, encoding="utf-8") as f:
-            self.vocab = json.load(f)
-        merges = _read_merges(merges_path)
+        """A UserError if the two files are unreadable or do not make one vocabulary (check_vocabulary): a
+        damaged vocabulary must stop a run, not give every caption other ids."""
+        where = f"tokenizer {os.path.dirname(os.path.abspath(vocab_path))}"
+        try:
+            with open(vocab_path, encoding="utf-8") as f:
+                self.vocab = json.load(f)
+        except UnicodeDecodeError as e:
+            raise UserError(f"{where}: vocab.json is not UTF-8 text (byte {e.start}); use an intact copy") from None
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: vocab.json is not valid JSON (line {e.lineno} column {e.colno}: {e.msg}); it "
+                            f"is damaged or cut short: use an intact copy") from None
+        try:
+            merges = _read_merges(merges_path)
+        except UnicodeDecodeError as e:
+            raise UserError(f"{where}: merges.txt is not UTF-8 text (byte {e.start}); use an intact copy") from None
+        except ValueError as e:
+            raise UserError(f"{where}: {e}; the file is damaged: use an intact copy") from None
+        why = check_vocabulary(self.vocab, merges)
+        if why:
+            raise UserError(f"{where}: {why}; use an intact vocab.json + merges.txt pair")
         self.ranks = {pair: i for i, pair in enumerate(merges)}
         self.bos, self.eos = self.vocab[BOS_TOKEN], self.vocab[EOS_TOKEN]
         self.vocab_size = len(self.vocab)
@@ -214,8 +279,8 @@ def load_tokenizer(spec):
     folder = tokenizer_folder(spec)
     try:
         return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"))
-    except (ValueError, KeyError, OSError) as e:  # bad JSON, no <|startoftext|>, unreadable
-        raise UserError(f"tokenizer {folder}: vocab.json / merges.txt are not a CLIP vocabulary ({e!r})") from None
+    except OSError as e:  # unreadable (no permission, a folder named vocab.json)
+        raise UserError(f"tokenizer {folder}: cannot read {e.filename} ({e.strerror})") from None
 
 
 def token_chunks(max_token_length):
