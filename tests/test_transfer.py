@@ -172,19 +172,21 @@ def test_diffusers_kohya_loader_gives_our_apply(pair):
 
 
 def test_randomized_svd_keeps_what_the_exact_one_keeps():
+    """Rank 32 of a 3x3 convolution [320, 320, 3, 3] whose singular values fall as q^i: the randomized SVD keeps
+    nearly what the exact one keeps (the Eckart-Young optimum), less where the spectrum is nearly flat."""
     g = torch.Generator().manual_seed(0)
-    for spectrum in ("decaying", "flat"):
+    for q, ratio in ((0.97, 0.9999), (0.995, 0.98)):
         u, _ = torch.linalg.qr(torch.randn(320, 320, generator=g, dtype=torch.float64))
         v, _ = torch.linalg.qr(torch.randn(2880, 320, generator=g, dtype=torch.float64))
-        s = 0.97 ** torch.arange(320.0, dtype=torch.float64) if spectrum == "decaying" else torch.ones(320).double()
+        s = q ** torch.arange(320.0, dtype=torch.float64)
         d = (u * s @ v.T).reshape(320, 320, 3, 3)
         kept = {}
         for exact in (True, False):
             up, down = transfer.factors(d, 32, exact)
             assert up.shape == (320, 32, 1, 1) and down.shape == (32, 320, 3, 3)
             kept[exact] = 1 - (d - transfer.lora_delta(up, down, 32, d.shape)).pow(2).sum() / d.pow(2).sum()
-        assert kept[True] == pytest.approx((s[:32] ** 2).sum() / (s ** 2).sum())  # Eckart-Young
-        assert kept[False] >= kept[True] * (0.999 if spectrum == "decaying" else 0.9), (spectrum, kept)
+        assert kept[True] == pytest.approx((s[:32] ** 2).sum() / (s ** 2).sum())
+        assert kept[False] >= ratio * kept[True], (q, kept)
 
 
 def call(*args):
