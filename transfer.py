@@ -10,7 +10,7 @@ assumed.
     python transfer.py --help                                                         # every key
 
 extract writes a kohya/ComfyUI-format file, keys `lora_unet_<sgm module path, dots as _>` (the names kohya's
-sd-scripts gives SDXL modules, which ComfyUI, A1111, Forge and diffusers' SDXL loader map back): --rank=0 the full
+sd-scripts gives SDXL modules, which ComfyUI, A1111 and diffusers' SDXL loader map back): --rank=0 the full
 delta as `.diff` (weights) and `.diff_b` (biases); --rank=R a LoRA, each weight matrix D (a convolution reshaped to
 [out, in * kh * kw]) replaced by its best rank-R approximation up @ down from the SVD, `lora_down` [R, in(, kh, kw)],
 `lora_up` [out, R(, 1, 1)], `alpha` = R (a scale of 1), norms and biases as `.diff` / `.diff_b` or left out (--norms).
