@@ -151,26 +151,50 @@ def read_config(path) -> SDXLConfig:
         return _config(path, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
 
 
+def _layout(path, shapes) -> SDXL:
+    """The SDXL (on the meta device) that the file's shapes describe, once its keys are checked against it."""
+    cfg = _config(path, shapes)
+    with torch.device("meta"):
+        sdxl = SDXL(cfg)
+    expected = {k: tuple(t.shape) for k, t in sdxl.state_dict().items()}
+    missing = expected.keys() - shapes.keys()
+    unexpected = shapes.keys() - expected.keys() - IGNORED_KEYS
+    misshaped = [f"{k} {shapes[k]} vs {expected[k]}" for k in expected.keys() & shapes.keys()
+                 if shapes[k] != expected[k]]
+    if missing or unexpected or misshaped:
+        raise CheckpointError(f"{path}: keys do not match the SDXL layout inferred from the file's shapes: "
+                              f"missing {_few(missing)}; unexpected {_few(unexpected)}; "
+                              f"mis-shaped (file vs model) {_few(misshaped, 3)}")
+    return sdxl
+
+
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+ST_DTYPES = {name: dtype for dtype, name in _ST_DTYPES.items()}  # the header's dtype names -> torch's
+
+
+def read_layout(path):
+    """The header of an SDXL single file, checked like load_checkpoint checks it, with nothing loaded: (config,
+    {key: shape} of the model's keys, {key: torch dtype} as stored, metadata, {'v_pred': bool, 'ztsnr': bool}).
+    For tools that stream a file tensor by tensor instead of loading it (transfer.py)."""
+    with _open(path) as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        dtypes = {k: ST_DTYPES[f.get_slice(k).get_dtype()] for k in f.keys()}
+        metadata = f.metadata() or {}
+    sdxl = _layout(path, shapes)
+    keys = {k: shapes[k] for k in sdxl.state_dict()}
+    return sdxl.cfg, keys, {k: dtypes[k] for k in keys}, metadata, {m: m in shapes for m in ("v_pred", "ztsnr")}
+
+
 def load_checkpoint(path, device="cpu", dtype=torch.float32) -> SDXL:
     """Load an SDXL base single-file sgm checkpoint (.safetensors). Sizes come from the tensor shapes; the model is
     built on the meta device and each tensor is read (memory-mapped) and cast on its own, so RAM never holds a
     second copy. Raises CheckpointError (a ValueError) naming what is missing / unexpected / mis-shaped."""
     with _open(path) as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        cfg = _config(path, shapes)
-        with torch.device("meta"):
-            sdxl = SDXL(cfg)
-        expected = {k: tuple(t.shape) for k, t in sdxl.state_dict().items()}
-        missing = expected.keys() - shapes.keys()
-        unexpected = shapes.keys() - expected.keys() - IGNORED_KEYS
-        misshaped = [f"{k} {shapes[k]} vs {expected[k]}" for k in expected.keys() & shapes.keys()
-                     if shapes[k] != expected[k]]
-        if missing or unexpected or misshaped:
-            raise CheckpointError(f"{path}: keys do not match the SDXL layout inferred from the file's shapes: "
-                                  f"missing {_few(missing)}; unexpected {_few(unexpected)}; "
-                                  f"mis-shaped (file vs model) {_few(misshaped, 3)}")
+        sdxl = _layout(path, shapes)
         state = {}
-        for k in expected:
+        for k in sdxl.state_dict():
             t = f.get_tensor(k)
             state[k] = t.to(device=device, dtype=dtype if t.is_floating_point() else None)
         metadata = f.metadata() or {}
@@ -179,8 +203,17 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32) -> SDXL:
     return sdxl
 
 
-_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
-              torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+class Lazy:
+    """A tensor made only when it is written: its shape and dtype for the header, and fn() -> the tensor. So a
+    tool can write a whole SDXL file computed tensor by tensor (transfer.py) through the one writer below."""
+    def __init__(self, shape, dtype, fn):
+        self.shape, self.dtype, self.fn = torch.Size(shape), dtype, fn
+
+    def numel(self):
+        return self.shape.numel()
+
+    def is_floating_point(self):
+        return self.dtype.is_floating_point
 
 
 def write_safetensors(tensors, path, metadata, dtype=None, write=True):
@@ -200,7 +233,12 @@ def write_safetensors(tensors, path, metadata, dtype=None, write=True):
         offset += n
     h = json.dumps(header, separators=(",", ":")).encode()
     h += b" " * (-len(h) % 8)  # the data starts 8-byte aligned
-    whole = lambda t: t.detach().full_tensor() if isinstance(t, DTensor) else t.detach()
+
+    def whole(t):
+        if isinstance(t, Lazy):
+            return t.fn()
+        return t.detach().full_tensor() if isinstance(t, DTensor) else t.detach()
+
     if not write:
         for k in names:
             whole(tensors[k])
@@ -218,10 +256,16 @@ def save_checkpoint(sdxl, path, v_pred=True, ztsnr=True, metadata=None, dtype=No
     dtype: export dtype for float tensors (torch.float16 / bfloat16 / float32), None = keep. metadata: extra
     entries, non-str values JSON-encoded. Works on the raw module: a torch.compile wrapper is unwrapped."""
     sdxl = getattr(sdxl, "_orig_mod", sdxl)
-    tensors = {}
-    for k, t in sdxl.state_dict().items():
-        tensors[k.replace("_orig_mod.", "")] = t  # a compiled submodule adds _orig_mod.
-    tensors[PREFIX["te1"] + "embeddings.position_ids"] = torch.arange(sdxl.cfg.te1.n_ctx, dtype=torch.int64)[None]
+    # a compiled submodule adds _orig_mod. to its keys
+    tensors = {k.replace("_orig_mod.", ""): t for k, t in sdxl.state_dict().items()}
+    save_state(tensors, sdxl.cfg, path, v_pred, ztsnr, metadata, dtype, write)
+
+
+def save_state(tensors, cfg, path, v_pred=True, ztsnr=True, metadata=None, dtype=None, write=True):
+    """save_checkpoint for a {sgm key: tensor} dict of the model `cfg` describes instead of a module; values may be
+    Lazy, so a file computed tensor by tensor is never held whole in RAM."""
+    tensors = dict(tensors)
+    tensors[PREFIX["te1"] + "embeddings.position_ids"] = torch.arange(cfg.te1.n_ctx, dtype=torch.int64)[None]
     for marker, on in (("v_pred", v_pred), ("ztsnr", ztsnr)):
         if on:
             tensors[marker] = torch.zeros(0)  # cast like the rest; empty either way

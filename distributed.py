@@ -15,12 +15,12 @@ Compilation (docs/performance.md §6), --compile_scope:
 """
 import datetime
 import os
-import signal
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import configurator
 import model
 import sharding
 
@@ -154,8 +154,7 @@ class Signals:
 
     def __init__(self):
         self.received, self.training = None, False
-        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(s, self.on_signal)
+        configurator.on_stop_signals(self.on_signal)  # (a SIGHUP ignored under nohup stays ignored)
 
     def on_signal(self, signum, frame):
         self.received = signum

@@ -1,24 +1,24 @@
 """
-What a finished run leaves for others (export_run): model.safetensors in the sgm single-file layout with the
-v_pred/ztsnr markers and the recipe as metadata (checkpoint.py), model_ema.safetensors when an EMA was kept, and
-the diffusers config folder written next to them, so that
+The export: what train.py (at the end of a run) and transfer.py (--mode=apply) write, by one function,
+write_export: the single file (checkpoint.py: sgm layout, v_pred / ztsnr markers, metadata), the diffusers config
+folder beside it, so that
 
     StableDiffusionXLPipeline.from_single_file("out/vpred/model.safetensors", config="out/vpred/diffusers",
                                                local_files_only=True)
 
-loads it offline with the right scheduler: no UI can read beta_end 0.024 or zero terminal SNR from the file
-itself (docs/sdxl_format.md §6). Only safetensors and JSON are written; diffusers is never imported.
+loads it offline with the right scheduler (no UI can read beta_end 0.024 or zero terminal SNR from the file
+itself, docs/sdxl_format.md §6), and the model card README.md (card.py). Only JSON and text are written beside
+the weights; diffusers is never imported.
 """
 import json
 import os
 import time
+from collections.abc import Mapping
 from contextlib import nullcontext
 
-import torch
-
+import card
 import checkpoint
 import files
-import tokenizer as clip_tokenizer
 from model import TIME_ID_DIM, VAE_SCALE, SDXLConfig, UNetConfig
 
 
@@ -95,30 +95,69 @@ def write_diffusers_config(cfg: SDXLConfig, folder, beta_end=0.012, zsnr=False, 
         files.write_json(os.path.join(folder, name), content, indent=2)
 
 
+def export_metadata(recipe, title=None, conversion=None, T=1000):
+    """The metadata an export carries beside modelspec's: the sampling schedule and the recipe (training_config),
+    from which card.py can rewrite the card from the file alone; `conversion` for transfer.py's apply."""
+    meta = {"modelspec.title": title or f"SDXL {recipe['prediction']}-pred uptrain",
+            "modelspec.date": time.strftime("%Y-%m-%d"),
+            "noise_schedule": json.dumps({"beta_start": recipe["beta_start"], "beta_end": recipe["beta_end"],
+                                          "beta_schedule": "scaled_linear", "zsnr": recipe["zsnr"],
+                                          "timestep_spacing": "trailing", "num_train_timesteps": T}),
+            "training_config": json.dumps(recipe)}
+    if conversion is not None:
+        meta["conversion"] = json.dumps(conversion)
+    return meta
+
+
+def write_export(out_dir, weights, recipe, cfg=None, dtype=None, tokenizer_dirs=None, ema=None, conversion=None,
+                 ablation=None, title=None, model_file="model.safetensors", write=True):
+    """The whole export in out_dir: model_file, model_ema.safetensors (when `ema` is given), diffusers/, README.md.
+    weights: an SDXL module, or {sgm key: tensor or checkpoint.Lazy} of the model `cfg` describes (a file computed
+        tensor by tensor, never held whole).
+    recipe: the training_config dict (train.py's keys); prediction, beta_start, beta_end, zsnr and base are used.
+    dtype: torch dtype of the float tensors in the file (None = keep). tokenizer_dirs: (dir1, dir2) with vocab.json +
+        merges.txt for diffusers/tokenizer(_2), or None. ema: a context manager that puts the EMA weights into
+        `weights` while it is open (train.py's ema.swapped()). conversion, ablation: for the card (card.render).
+    write: False on the ranks of a sharded run that only join the gathers (one tensor at a time); they write nothing.
+    Returns the names written in out_dir."""
+    v_pred, zsnr = recipe["prediction"] == "v", recipe["zsnr"]
+    meta = export_metadata(recipe, title, conversion)
+    written = []
+    for name, swap in ((model_file, nullcontext()), ("model_ema.safetensors", ema)):
+        if swap is None:
+            continue
+        path = os.path.join(out_dir, name)
+        with swap:
+            if isinstance(weights, Mapping):
+                checkpoint.save_state(weights, cfg, path, v_pred, zsnr, meta, dtype, write)
+            else:
+                checkpoint.save_checkpoint(weights, path, v_pred, zsnr, meta, dtype, write)
+        written.append(name)
+    if not write:
+        return written
+    cfg = cfg or getattr(weights, "_orig_mod", weights).cfg
+    write_diffusers_config(cfg, os.path.join(out_dir, "diffusers"), beta_end=recipe["beta_end"], zsnr=zsnr,
+                           prediction=recipe["prediction"], tokenizer_dirs=tokenizer_dirs,
+                           beta_start=recipe["beta_start"])
+    written.append("diffusers/")
+    card.write_card(out_dir, recipe, written, ablation, conversion, meta["modelspec.title"])
+    written.append("README.md")
+    print(f"exported {', '.join(os.path.join(out_dir, n) for n in written)}")
+    return written
+
+
 RECIPE_KEYS = ("prediction", "beta_start", "beta_end", "zsnr", "weighting", "k", "optimizer", "lr", "beta1", "beta2",
                "beta1_final", "beta2_final", "max_iters", "batch_size", "max_token_length")
 
 
 def export_run(sdxl, out_dir, config, base, global_batch, ema=None, write=True):
-    """out_dir/model.safetensors (sgm layout, markers, metadata), model_ema.safetensors with the EMA weights (an
-    optim.EMA), and out_dir/diffusers/. config: train.py's; base: what the run started from. write=False: take
-    part without writing (under fsdp every rank gathers each tensor, rank 0 writes)."""
-    c = config
-    recipe = {key: c[key] for key in RECIPE_KEYS if key in c}
+    """train.py's export: write_export with the run's recipe (config: train.py's; base: what the run started
+    from; ema: an optim.EMA or None). write=False: take part without writing (fsdp's other ranks)."""
+    import torch
+    import tokenizer as clip_tokenizer
+    recipe = {key: config[key] for key in RECIPE_KEYS if key in config}
     recipe.update(base=base, global_batch=global_batch)
-    meta = {"modelspec.title": f"SDXL {c['prediction']}-pred uptrain", "modelspec.date": time.strftime("%Y-%m-%d"),
-            "noise_schedule": json.dumps({"beta_start": c["beta_start"], "beta_end": c["beta_end"],
-                                          "beta_schedule": "scaled_linear", "zsnr": c["zsnr"],
-                                          "timestep_spacing": "trailing", "num_train_timesteps": 1000}),
-            "training_config": json.dumps(recipe)}
-    out_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[c["export_dtype"]]
-    for name, weights in (("model", nullcontext()), ("model_ema", ema and ema.swapped())):
-        if weights is not None:
-            with weights:
-                checkpoint.save_checkpoint(sdxl, os.path.join(out_dir, f"{name}.safetensors"), dtype=out_dtype,
-                                           v_pred=c["prediction"] == "v", ztsnr=c["zsnr"], metadata=meta, write=write)
-    if write:
-        tok_dir = clip_tokenizer.tokenizer_folder(c["tokenizer"])
-        write_diffusers_config(sdxl.cfg, os.path.join(out_dir, "diffusers"), beta_end=c["beta_end"], zsnr=c["zsnr"],
-                               prediction=c["prediction"], tokenizer_dirs=(tok_dir, tok_dir), beta_start=c["beta_start"])
-        print(f"exported {out_dir}/model.safetensors{'' if ema is None else ', model_ema.safetensors'} and diffusers/")
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[config["export_dtype"]]
+    tok_dir = clip_tokenizer.tokenizer_folder(config["tokenizer"]) if write else None
+    return write_export(out_dir, sdxl, recipe, dtype=dtype, tokenizer_dirs=(tok_dir, tok_dir),
+                        ema=ema and ema.swapped(), write=write)

@@ -238,6 +238,8 @@ preflight.check_buckets(model_cfg, bucket_step)
 run_lock = files.lock(out_dir) if procs.master else None  # one run per out_dir, released when this process ends
 cache_dir = cache_dir or os.path.join(out_dir, "cache")
 files.make_dir(cache_dir, "cache_dir")
+if procs.master:  # hidden temp files a killed run left behind (kill -9 mid-export); a shared cache is not entered
+    files.remove_temps(out_dir, keep=[cache_dir])
 if procs.master:
     print(f"global batch {imgs_per_iter} = {batch_size} micro x {micro_steps} accum x {procs.world} procs")
 load_s = time.time() - t_load
