@@ -233,6 +233,7 @@ def configure(g, argv=None, exit_on_error=None):
 
 def _configure(g, argv):
     keys = config_keys(g)
+    g["_given"] = given = set()  # the keys a config file or --key=value set (a resume keeps the saved others)
     if any(a in ("-h", "--help") for a in argv):
         _help(g, keys)
         sys.exit(0)
@@ -255,12 +256,15 @@ def _configure(g, argv):
                 tb = e.__traceback__.tb_next  # the user's frame (a SyntaxError carries its line instead)
                 line = getattr(e, "lineno", None) or (tb.tb_lineno if tb else "?")
                 raise ValueError(f"{path} line {line}: {type(e).__name__}: {e}") from None
+            assigned = {n.id for n in ast.walk(ast.parse(text)) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
             for k, v in ns.items():
                 if k.startswith("_") or isinstance(v, (types.ModuleType, types.FunctionType, type)):
                     continue
                 if k not in keys:
                     raise _unknown(k, keys)
                 g[k] = _coerce(k, _home(v, g[k]), g[k])
+                if k in assigned:
+                    given.add(k)
         else:
             key, eq, val = arg[2:].partition("=")
             if not eq:
@@ -274,5 +278,6 @@ def _configure(g, argv):
             if isinstance(g[key], str) and not isinstance(value, str):
                 value = val  # --out_dir=2024 is the string '2024'
             g[key] = _coerce(key, _home(value, g[key]), g[key])
+            given.add(key)
             print(f"config: {key} = {g[key]!r}")
     return {k: g[k] for k in keys}

@@ -138,6 +138,8 @@ def _read_metadata(root, log=print):
     path = os.path.join(root, "metadata.jsonl")
     if not os.path.exists(path):
         return None
+    if not os.path.isfile(path):
+        raise UserError(f"{path} is not a file (a folder?): rename it, or make it a JSON-lines file")
     captions = {}
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
@@ -230,7 +232,9 @@ def scan_dataset(root, buckets=None, seed=0, crop="center", flip=False, min_pixe
             caption = meta.get(os.path.normpath(rel))
         if caption is None:
             txt = os.path.join(root, os.path.splitext(rel)[0] + ".txt")
-            if os.path.exists(txt):
+            if os.path.isdir(txt):
+                log(f"{txt} is a folder, not a caption file: {rel} gets an empty caption")
+            elif os.path.exists(txt):
                 with open(txt, encoding="utf-8", errors="replace") as f:
                     caption = f.read().strip()
         if caption is None:
@@ -261,6 +265,9 @@ def split_eval(items, n, quiet=False):
     train = [it for it in items[n:] if it.file_hash not in held_out]
     if len(train) < len(items) - n and not quiet:
         print(f"{len(items) - n - len(train)} training images are byte-identical to held-out ones: not trained on")
+    if not train:
+        raise UserError(f"no image is left to train on: the {len(items) - n} beyond the {n} held out (eval_items) are "
+                        f"copies of held-out ones; add other images or lower --eval_items")
     return items[:n], train
 
 

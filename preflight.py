@@ -16,7 +16,11 @@ import schedule
 import tokenizer as clip_tokenizer
 from configurator import UserError, UserFileNotFound
 
-RUN_FILES = ("ckpt.pt", "ckpt", "model.safetensors")  # a folder holding one of these holds a run
+RUN_FILES = ("ckpt.pt", "ckpt", "ckpt.old", "model.safetensors")  # a folder holding one of these holds a run
+# what a run writes in out_dir: --overwrite=True removes these (and nothing else) before a fresh run starts;
+# the cache is kept (its entries are keyed by what made them, so a new run reuses or ignores them)
+RUN_OUTPUTS = ("ckpt.pt", "ckpt", "ckpt.new", "ckpt.old", "model.safetensors", "model_ema.safetensors", "diffusers",
+               "README.md", "eval.jsonl", "run.json", "samples", "tensorboard")
 
 
 def check_config(c, world):
@@ -52,6 +56,14 @@ def check_config(c, world):
         raise UserError("config error: --tensorboard_log=True needs the tensorboard package (pip install tensorboard)")
     if c["sample_interval"] and not c["sample_prompts"]:
         raise UserError("config error: sample_interval needs at least one of sample_prompts")
+    if not (isinstance(c["sample_prompts"], (tuple, list)) and all(isinstance(p, str) for p in c["sample_prompts"])):
+        raise UserError(f"config error: --sample_prompts={c['sample_prompts']!r} must be a list of strings")
+    if c["lr"] <= 0:
+        raise UserError(f"config error: --lr={c['lr']!r} trains nothing; the recipe uses 7.5e-6")
+    abar = schedule.alphas_cumprod(c["beta_end"], c["zsnr"], c["beta_start"])
+    if not schedule.loss_weight(torch.arange(len(abar)), abar, c["weighting"], c["k"], c["gamma"]).any():
+        raise UserError(f"config error: --weighting={c['weighting']} with k={c['k']}, gamma={c['gamma']} is zero at "
+                        f"every t: it trains nothing")
     if c["parallel"] == "fsdp" and "RANK" not in os.environ:
         raise UserError("config error: --parallel=fsdp shards across processes: launch with torchrun "
                         "(--nproc_per_node=1 works too)")
@@ -67,6 +79,10 @@ def check_paths(c):
                                f"captions, or with a metadata.jsonl)")
     if cache_dir and os.path.realpath(cache_dir) == os.path.realpath(dataset_dir):  # (image subfolders: after the scan)
         raise UserError(f"--cache_dir={cache_dir!r} is the dataset folder; keep the cache elsewhere")
+    inside = lambda a, b: os.path.commonpath([os.path.realpath(a), os.path.realpath(b)]) == os.path.realpath(b)
+    if dataset_dir and inside(out_dir, dataset_dir):
+        raise UserError(f"--out_dir={out_dir!r} is in the dataset folder: the next run would train on its previews; "
+                        f"keep runs elsewhere")
     resume = init_from == "resume"
     if not resume and not c["overwrite"] and any(os.path.exists(os.path.join(out_dir, f)) for f in RUN_FILES):
         raise UserError(f"{out_dir} holds a run already: continue it with --init_from=resume, or pass "
@@ -77,10 +93,30 @@ def check_paths(c):
                                f"'random' or 'resume')")
 
 
-def check_buckets(model_cfg, bucket_step):
-    """The latents are 1/f of the image and the UNet halves them (levels - 1) times: bucket sides must divide by
-    both (model_cfg: the start checkpoint's, read from its header)."""
+def check_buckets(model_cfg, c):
+    """The latents are 1/f of the image and the UNet halves them (levels - 1) times: bucket sides, and the
+    previews' side (resolution), must divide by both (model_cfg: the start checkpoint's, read from its header)."""
     multiple = 2 ** (len(model_cfg.vae.ch_mult) - 1) * 2 ** (len(model_cfg.unet.channel_mult) - 1)
-    if bucket_step % multiple:
-        raise UserError(f"config error: --bucket_step={bucket_step} must be a multiple of {multiple} for this model "
-                        f"(VAE factor x UNet downsamplings)")
+    if c["bucket_step"] % multiple:
+        raise UserError(f"config error: --bucket_step={c['bucket_step']} must be a multiple of {multiple} for this "
+                        f"model (VAE factor x UNet downsamplings)")
+    if c["sample_interval"] and c["resolution"] % multiple:
+        raise UserError(f"config error: the previews are resolution x resolution: --resolution={c['resolution']} "
+                        f"must be a multiple of {multiple} for this model (or --sample_interval=0)")
+
+
+def clean_run_folder(out_dir, cache_dir, fresh):
+    """At the start of a run that holds the lock: remove what --overwrite=True replaces (fresh), and the hidden
+    temp files a killed run left (kill -9 mid-export); a shared cache is never entered."""
+    import shutil
+    import files
+    if fresh:
+        for name in RUN_OUTPUTS:
+            path = os.path.join(out_dir, name)
+            if name == "README.md" and os.path.isfile(path) and "v-prediction" not in open(path, errors="replace").read():
+                continue  # a README.md this code did not write (its model cards are tagged v-prediction)
+            if os.path.isdir(path) and not os.path.islink(path) and os.path.realpath(path) != os.path.realpath(cache_dir):
+                shutil.rmtree(path)
+            elif os.path.lexists(path) and not os.path.isdir(path):
+                os.remove(path)
+    files.remove_temps(out_dir, keep=[cache_dir])

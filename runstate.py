@@ -47,8 +47,38 @@ def read(out_dir, sharded):
     return ckpt
 
 
+# the keys that define what a run trains: a resume must keep them (the others, such as lr and its schedule,
+# max_iters, intervals and logging, may change, and the change is printed)
+IDENTITY = ("prediction", "beta_start", "beta_end", "zsnr", "weighting", "k", "gamma", "optimizer", "precision", "dtype",
+            "max_token_length", "ema_decay", "ema_interval", "seed", "resolution", "bucket_step", "crop", "flip",
+            "caption_dropout", "cache_dtype", "weight_decay", "adam_eps")
+NOT_ADOPTED = ("init_from", "overwrite", "parallel", "out_dir")  # where the run is, not what it trains
+
+
+def adopt(config, given, out_dir):
+    """--init_from=resume: the saved config is the run's identity. A key not set on the command line or in a
+    config file takes its saved value (not the default); a key that defines what is trained (IDENTITY) must equal
+    its saved value, or one line names each such key with its saved and its new value. Returns the saved state."""
+    saved = read(out_dir, config["parallel"] == "fsdp")
+    old = saved["config"]
+    for key, value in old.items():
+        if key in config and key not in given and key not in NOT_ADOPTED:
+            config[key] = value
+    bad = [f"--{k} saved {old[k]!r}, now {config[k]!r}" for k in IDENTITY if k in old and k in config and
+           old[k] != config[k] and not (k == "ema_decay" and old[k] == 0)]  # (an EMA may start at a resume)
+    if bad:
+        raise UserError(f"cannot resume {ckpt_path(out_dir, config['parallel'] == 'fsdp')} as another run: "
+                        f"{'; '.join(bad)} (these define what is trained: resume without them, or start a fresh run "
+                        f"in another --out_dir)")
+    for k in sorted(given):
+        if k in old and old[k] != config[k] and k not in NOT_ADOPTED:
+            print(f"resume: {k} {old[k]!r} -> {config[k]!r}")
+    return saved
+
+
 def check(ckpt, path, config, world):
-    """A resume that cannot continue this run as configured: one line, before anything heavy."""
+    """A resume that cannot continue this run as configured: one line, before anything heavy. True when the
+    run is complete but its export is missing or older than the checkpoint: only export it."""
     optimizer = config["optimizer"]
     if ckpt["config"]["optimizer"] != optimizer:
         raise UserError(f"cannot resume the {optimizer} optimizer from {path}: it holds "
@@ -56,10 +86,20 @@ def check(ckpt, path, config, world):
     if config["parallel"] == "fsdp" and optimizer == "adamw8bit" and ckpt["world"] != world:
         raise UserError(f"{path} holds adamw8bit state for {ckpt['world']} processes, one buffer each: resume with "
                         f"{ckpt['world']} (adamw and adafactor state reshard to any count)")
+    data.check_order(ckpt["per_rank"][0]["loader"], config["seed"], config["batch_size"] * world)
+    global_batch = config["batch_size"] * max(1, config["grad_accum"] // world) * world
+    if ckpt.get("global_batch", global_batch) != global_batch:
+        raise UserError(f"{path} was trained at global batch {ckpt['global_batch']} (batch_size x accumulation x "
+                        f"processes); this run's is {global_batch}: resume with the same global batch")
     if ckpt["iter_num"] >= config["max_iters"]:
+        # a run stopped in its last step, or killed while exporting, still exports; one that exported does not
+        model = os.path.join(config["out_dir"], "model.safetensors")
+        if not os.path.exists(model) or os.path.getmtime(model) < os.path.getmtime(path):
+            print(f"{path} is at iter {ckpt['iter_num']}, its export is missing or older: exporting it")
+            return True
         raise UserError(f"{path} is at iter {ckpt['iter_num']} already: pass --max_iters above {ckpt['iter_num']} "
                         f"to train further")
-    data.check_order(ckpt["per_rank"][0]["loader"], config["seed"], config["batch_size"] * world)
+    return False
 
 
 def load_weights(ckpt, unet):

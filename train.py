@@ -131,6 +131,8 @@ debug_compile_backend = "inductor"  # torch.compile backend; the tests use Dynam
 debug_nan_at = -1  # make the loss NaN from this iteration on, to exercise the skip path
 # -----------------------------------------------------------------------------
 config = configurator.configure(globals())
+saved = runstate.adopt(config, _given, out_dir) if init_from == "resume" else None  # the saved run's identity
+globals().update(config)
 preflight.check_config(config, world=int(os.environ.get("WORLD_SIZE", 1)))
 preflight.check_paths(config)
 
@@ -219,9 +221,7 @@ signals = distributed.Signals()  # SIGINT/SIGTERM/SIGHUP: stop now, or after the
 
 resuming = init_from == "resume"
 state_path = runstate.ckpt_path(out_dir, procs.sharded)
-saved = runstate.read(out_dir, procs.sharded) if resuming else None
-if resuming:
-    runstate.check(saved, state_path, config, procs.world)  # before the cache is built
+export_only = resuming and runstate.check(saved, state_path, config, procs.world)  # (before the cache is built)
 base, iter_num, skipped = (saved["base"], saved["iter_num"], saved["skipped"]) if resuming else (init_from, 0, 0)
 
 t_load = time.time()
@@ -234,12 +234,12 @@ try:
     model_cfg = model.SDXLConfig() if base == "random" else checkpoint.read_config(start_path)
 except checkpoint.CheckpointError as e:
     raise configurator.UserError(f"cannot load {start_path}: {e}") from None
-preflight.check_buckets(model_cfg, bucket_step)
+preflight.check_buckets(model_cfg, config)
 run_lock = files.lock(out_dir) if procs.master else None  # one run per out_dir, released when this process ends
 cache_dir = cache_dir or os.path.join(out_dir, "cache")
 files.make_dir(cache_dir, "cache_dir")
-if procs.master:  # hidden temp files a killed run left behind (kill -9 mid-export); a shared cache is not entered
-    files.remove_temps(out_dir, keep=[cache_dir])
+if procs.master:  # --overwrite=True: what the old run made goes; so do temp files a killed run left
+    preflight.clean_run_folder(out_dir, cache_dir, fresh=overwrite and not resuming)
 if procs.master:
     print(f"global batch {imgs_per_iter} = {batch_size} micro x {micro_steps} accum x {procs.world} procs")
 load_s = time.time() - t_load
@@ -346,7 +346,7 @@ def preview(step):
 
 def save_state(step, loader_state):
     runstate.save(state_path, procs, unet, opt, ema, {"iter_num": step, "base": base, "skipped": skipped,
-                                                      "config": config, "tokenizer": tokenizer}, loader_state)
+                                                      "config": config, "global_batch": imgs_per_iter}, loader_state)
 
 
 # seed here, after every setup step (making a start checkpoint draws from the RNG, loading one does not); the
@@ -367,7 +367,7 @@ batches = data.prefetch(loader, pin_memory=device_type == "cuda")
 # compile before step 1, run.json, the per-line stats
 
 compile_s = 0.0
-if compile and compile_warm:
+if compile and compile_warm and not export_only:
     # pay every bucket's compile (and cuDNN autotune) now, where it is timed, not inside the run: one
     # forward+backward per bucket at t = 0 with zero noise (no random numbers drawn, so resume stays exact);
     # the grads are zeroed, the optimizer never sees them
@@ -425,6 +425,10 @@ while iter_num < max_iters:
         save_state(iter_num, loader_state)
         sys.exit(f"stopping: {consecutive} non-finite steps in a row (lower lr? check the data); ckpt.pt written")
 
+    if (ckpt_interval and iter_num % ckpt_interval == 0) or iter_num == max_iters or signals.received:
+        save_state(iter_num, loader_state)  # before the eval and previews: a failure there never costs it
+    if signals.received:
+        break
     if iter_num % log_interval == 0:
         log.line(iter_num, get_lr(iter_num - 1), get_betas(iter_num - 1), gnorm, skipped)
     # eval and previews: rank 0's, but under fsdp every rank must join the forward (its shards are needed)
@@ -435,14 +439,10 @@ while iter_num < max_iters:
         with ema.swapped() if ema and ema_eval else nullcontext():
             preview(iter_num)
         log.restart()
-    if (ckpt_interval and iter_num % ckpt_interval == 0) or iter_num == max_iters or signals.received:
-        save_state(iter_num, loader_state)
-    if signals.received:
-        break
 
 if signals.received:
     sys.exit(128 + signals.received)  # stopped, not finished: the resume state holds the run, nothing is exported
-if steps_ok == 0:  # every step was skipped: this run trained nothing, so it exports no v-pred model
+if steps_ok == 0 and not export_only:  # every step was skipped: this run trained nothing, so it exports no v-pred model
     sys.exit(f"no optimizer step succeeded ({skipped} skipped as non-finite): nothing exported; lower the lr or "
              f"check the data")
 if procs.joins_forward:

@@ -236,7 +236,7 @@ def test_long_prompt_chunks_follow_comfyui(real_vocab):
     from transformers import CLIPTokenizer as HFCLIPTokenizer
     hf = HFCLIPTokenizer(os.path.join(real_vocab, "vocab.json"), os.path.join(real_vocab, "merges.txt"),
                          pad_token="<|endoftext|>")
-    tok = data.load_tokenizer(real_vocab)
+    tok = tokenizer.load_tokenizer(real_vocab)
     prompts = long_prompts()
     moved = cut = 0
     for n in (2, 3):
@@ -257,7 +257,7 @@ def test_long_prompt_chunks_follow_comfyui(real_vocab):
 def test_long_prompt_short_captions_and_75(real_vocab):
     """75 tokens: today's 77-position rows, bit for bit. Longer settings: a caption of at most 75 tokens keeps that
     row as its first chunk, and every later chunk is the empty caption's (BOS, EOS, pads), as A1111 fills."""
-    tok = data.load_tokenizer(real_vocab)
+    tok = tokenizer.load_tokenizer(real_vocab)
     prompts = make_prompts(n_random=90) + long_prompts(10)
     one1, one2 = tok(prompts), tok(prompts, pad_id=0)
     t1, t2 = tokenizer.tokenize(tok, prompts)

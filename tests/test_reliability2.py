@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import cache
+import checkpoint
 import configurator
 import demo
 import files
@@ -201,12 +202,12 @@ def tiny_ckpt(tmp_path_factory):
     embed fewer ids than that vocabulary has."""
     d = tmp_path_factory.mktemp("tiny_sa")
     path = str(d / "model.safetensors")
-    model.save_checkpoint(model.init_random_(model.SDXL(model.SDXLConfig.tiny()), seed=0), path, v_pred=True,
+    checkpoint.save_checkpoint(model.init_random_(model.SDXL(model.SDXLConfig.tiny()), seed=0), path, v_pred=True,
                           ztsnr=True)
     demo.build_tiny_vocab(str(d / "diffusers" / "tokenizer"), CAPTIONS)
     (d / "small").mkdir()
     small = str(d / "small" / "model.safetensors")
-    model.save_checkpoint(model.init_random_(model.SDXL(model.SDXLConfig.tiny(vocab_size=300)), seed=0), small,
+    checkpoint.save_checkpoint(model.init_random_(model.SDXL(model.SDXLConfig.tiny(vocab_size=300)), seed=0), small,
                           v_pred=True, ztsnr=True)
     return path, small, str(d / "diffusers" / "tokenizer")
 

@@ -97,7 +97,7 @@ def test_full_delta_then_apply_is_the_uptrain_exactly(pair):
     assert frozen and all(torch.equal(out[k], eps[k]) for k in frozen), "the VAE or a text encoder changed"
     # detected as v-pred the way a trained export is (tests/test_train.py: markers, our loader, diffusers)
     assert out["v_pred"].numel() == 0 and out["ztsnr"].numel() == 0
-    ours = model.load_checkpoint(str(d / "conv/model.safetensors"))
+    ours = checkpoint.load_checkpoint(str(d / "conv/model.safetensors"))
     assert ours.v_pred and ours.ztsnr and ours.metadata["modelspec.prediction_type"] == "v"
     assert json.loads(ours.metadata["conversion"])["kind"] == "full delta"
     diffusers = pytest.importorskip("diffusers")
