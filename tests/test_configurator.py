@@ -71,3 +71,26 @@ def test_help_lists_keys_with_comments(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "--lr=3e-06" in r.stdout and "learning rate (after warmup)" in r.stdout
     assert "--steps=10" in r.stdout and "ran" not in r.stdout
+
+
+def test_given_keys_and_train_defaults(tmp_path):
+    """The keys a config file assigns or --key=value sets are recorded (a resume keeps the saved others), and
+    bench.py reads train.py's keys and defaults from its source, without running it."""
+    g = fresh()
+    cfg = tmp_path / "c.py"
+    cfg.write_text("batch_size = 8\nlr = batch_size * 1e-7\n")
+    configurator.configure(g, [str(cfg), "--compile=false"])
+    assert g["_given"] == {"batch_size", "lr", "compile"}
+    train = configurator.script_defaults(os.path.join(ROOT, "train.py"))
+    assert train["k"] == 5.0 and train["beta_end"] == 0.024 and train["compile_scope"] == "unet"
+    assert train["device"] in ("cpu", "cuda") and not any(k.startswith("_") for k in train)
+
+
+def test_help_sets_debug_keys_apart():
+    out = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True).stdout
+    lines = out.splitlines()
+    assert "# the recipe" in lines and lines.index("# the recipe") < lines.index("# debugging and tests, not training settings")
+    after = lines[lines.index("# debugging and tests, not training settings") + 1:]
+    assert after and all(line.lstrip().startswith("--debug_") for line in after)
+    bench = subprocess.run([sys.executable, "bench.py", "--help"], cwd=ROOT, capture_output=True, text=True).stdout
+    assert "--k=5.0" in bench and "sigmoid weighting offset" in bench and "--compare=''" in bench
