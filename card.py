@@ -94,6 +94,51 @@ def _cost_text(recipe, ablation, model_file):
             f"error of the model's output under each schedule (lower is better).\n\n" + "\n".join(rows))
 
 
+def _usage(model_file, bs, be, zsnr, recipe, ablation, patterns):
+    """The card's how-to: the file, the sampler settings, each client, the cost of 0.012, the upload."""
+    return ["", f"`{model_file}` is a single-file checkpoint in the sgm layout with the empty marker keys `v_pred` "
+            "and `ztsnr`, and metadata `noise_schedule` and `training_config`.",
+            "", "## Sampler settings", "", "| setting | value |", "|---|---|",
+            "| prediction type | `v_prediction` |",
+            f"| zero terminal SNR | {'on: `rescale_betas_zero_snr=True`' if zsnr else 'off'} |",
+            f"| betas | scaled_linear {_num(bs)} -> {_num(be)} (`beta_end={_num(be)}`; the UIs use 0.012, see below) |",
+            "| timestep spacing | `trailing` (the first step is t = 999, pure noise) |",
+            f"| CFG | guidance ~5 with CFG rescale `guidance_rescale={_SAMPLER_PHI}` |",
+            "", "## diffusers", "",
+            "diffusers ignores the marker keys: load the file with the `diffusers/` config folder beside it, whose "
+            f"scheduler is DDIM with `prediction_type=\"v_prediction\"`, `beta_end={_num(be)}`, "
+            f"`rescale_betas_zero_snr={zsnr}` and `timestep_spacing=\"trailing\"`:", "", "```python",
+            "import torch", "from diffusers import StableDiffusionXLPipeline", "",
+            f"pipe = StableDiffusionXLPipeline.from_single_file(\"{model_file}\", config=\"diffusers\",",
+            "                                                  local_files_only=True, torch_dtype=torch.float16)",
+            "pipe = pipe.to(\"cuda\")",
+            f"image = pipe(\"a photo of a cat\", guidance_scale=5.0, guidance_rescale={_SAMPLER_PHI}, "
+            "num_inference_steps=25).images[0]", "```", "",
+            "(From the Hub: `hf download OWNER/NAME --local-dir NAME`, then run this inside `NAME`.)", "",
+            "## ComfyUI", "",
+            "*Load Checkpoint* reads the `v_pred` and `ztsnr` keys and samples v-prediction with zero terminal SNR. "
+            "Where a loader drops them, add *ModelSamplingDiscrete* with sampling `v_prediction` and `zsnr` on. Add "
+            f"*RescaleCFG* (multiplier {_SAMPLER_PHI}) before the sampler, and use the `simple` scheduler, which "
+            "starts at the last timestep like trailing spacing.", "",
+            "## Forge, reForge and AUTOMATIC1111", "",
+            "Forge and reForge read both marker keys when the checkpoint loads: v-prediction and zero terminal SNR "
+            "are on with nothing to set. AUTOMATIC1111 reads `v_pred` (it picks its SDXL v-prediction config) but "
+            "not `ztsnr`: set Settings -> Sampler parameters -> *Noise schedule for sampling* to "
+            f"*Zero Terminal SNR*. Use CFG rescale {_SAMPLER_PHI} where the UI or an extension offers it.", "",
+            "## InvokeAI", "",
+            "InvokeAI does not read the marker keys: after installing the model, set its *Prediction Type* to "
+            f"`v_prediction` by hand in the Model Manager, and *CFG Rescale Multiplier* to {_SAMPLER_PHI}. It does "
+            "not take zero terminal SNR from the file either; without it, it samples v on 0.012 with no rescale "
+            "(panel 3 below).", "",
+            "## What sampling at beta_end 0.012 costs", "",
+            f"The UIs rebuild SDXL's pretrain schedule (betas 0.00085 -> 0.012) whatever the file holds; "
+            f"this model was trained on {_num(be)}. {_cost_text(recipe, ablation, model_file)}", "",
+            "## Upload", "", "From this folder, to the Hub repository OWNER/NAME:", "", "```bash",
+            f"hf upload OWNER/NAME . . {' '.join(f'--include {p}' for p in patterns)}",
+            "# huggingface_hub < 1.0: the same with huggingface-cli and the patterns after one --include",
+            f"huggingface-cli upload OWNER/NAME . . --include {' '.join(patterns)}", "```", ""]
+
+
 def render(recipe, files_written=("model.safetensors", "diffusers/"), ablation=None, conversion=None, title=None):
     """The card's text. recipe: the training_config dict (prediction, beta_start, beta_end, zsnr, weighting, k,
     optimizer, lr, betas, max_iters, global_batch, base[, max_token_length]). conversion: for a model made by
@@ -140,47 +185,7 @@ def render(recipe, files_written=("model.safetensors", "diffusers/"), ablation=N
         out.append(f"| prompt length | {recipe['max_token_length']} tokens (chunks of 75, each as 77 positions, "
                    f"as the UIs encode long prompts) |")
     out.append(f"| files | {', '.join(f'`{f}`' for f in files_written)} |")
-    out += ["", f"`{model_file}` is a single-file checkpoint in the sgm layout with the empty marker keys `v_pred` "
-            "and `ztsnr`, and metadata `noise_schedule` and `training_config`.",
-            "", "## Sampler settings", "", "| setting | value |", "|---|---|",
-            "| prediction type | `v_prediction` |",
-            f"| zero terminal SNR | {'on: `rescale_betas_zero_snr=True`' if zsnr else 'off'} |",
-            f"| betas | scaled_linear {_num(bs)} -> {_num(be)} (`beta_end={_num(be)}`; the UIs use 0.012, see below) |",
-            "| timestep spacing | `trailing` (the first step is t = 999, pure noise) |",
-            f"| CFG | guidance ~5 with CFG rescale `guidance_rescale={_SAMPLER_PHI}` |",
-            "", "## diffusers", "",
-            "diffusers ignores the marker keys: load the file with the `diffusers/` config folder beside it, whose "
-            f"scheduler is DDIM with `prediction_type=\"v_prediction\"`, `beta_end={_num(be)}`, "
-            f"`rescale_betas_zero_snr={zsnr}` and `timestep_spacing=\"trailing\"`:", "", "```python",
-            "import torch", "from diffusers import StableDiffusionXLPipeline", "",
-            f"pipe = StableDiffusionXLPipeline.from_single_file(\"{model_file}\", config=\"diffusers\",",
-            "                                                  local_files_only=True, torch_dtype=torch.float16)",
-            "pipe = pipe.to(\"cuda\")",
-            f"image = pipe(\"a photo of a cat\", guidance_scale=5.0, guidance_rescale={_SAMPLER_PHI}, "
-            "num_inference_steps=25).images[0]", "```", "",
-            "(From the Hub: `hf download OWNER/NAME --local-dir NAME`, then run this inside `NAME`.)", "",
-            "## ComfyUI", "",
-            "*Load Checkpoint* reads the `v_pred` and `ztsnr` keys and samples v-prediction with zero terminal SNR. "
-            "Where a loader drops them, add *ModelSamplingDiscrete* with sampling `v_prediction` and `zsnr` on. Add "
-            f"*RescaleCFG* (multiplier {_SAMPLER_PHI}) before the sampler, and use the `simple` scheduler, which "
-            "starts at the last timestep like trailing spacing.", "",
-            "## Forge, reForge and AUTOMATIC1111", "",
-            "Forge and reForge read both marker keys when the checkpoint loads: v-prediction and zero terminal SNR "
-            "are on with nothing to set. AUTOMATIC1111 reads `v_pred` (it picks its SDXL v-prediction config) but "
-            "not `ztsnr`: set Settings -> Sampler parameters -> *Noise schedule for sampling* to "
-            f"*Zero Terminal SNR*. Use CFG rescale {_SAMPLER_PHI} where the UI or an extension offers it.", "",
-            "## InvokeAI", "",
-            "InvokeAI does not read the marker keys: after installing the model, set its *Prediction Type* to "
-            f"`v_prediction` by hand in the Model Manager, and *CFG Rescale Multiplier* to {_SAMPLER_PHI}. It does "
-            "not take zero terminal SNR from the file either; without it, it samples v on 0.012 with no rescale "
-            "(panel 3 below).", "",
-            f"## What sampling at beta_end 0.012 costs", "",
-            f"The UIs rebuild SDXL's pretrain schedule (betas 0.00085 -> 0.012) whatever the file holds; "
-            f"this model was trained on {_num(be)}. {_cost_text(recipe, ablation, model_file)}", "",
-            "## Upload", "", "From this folder, to the Hub repository OWNER/NAME:", "", "```bash",
-            f"hf upload OWNER/NAME . . {' '.join(f'--include {p}' for p in patterns)}",
-            "# huggingface_hub < 1.0: the same with huggingface-cli and the patterns after one --include",
-            f"huggingface-cli upload OWNER/NAME . . --include {' '.join(patterns)}", "```", ""]
+    out += _usage(model_file, bs, be, zsnr, recipe, ablation, patterns)
     if not license_:
         out += [f"License: the base's (`{name}`) terms apply; add a `license:` line above before sharing.", ""]
     return "\n".join(out)

@@ -15,7 +15,7 @@ Stages, each timed and printed:
   3. start    start checkpoint (trained VAE, random frozen text encoders, random UNet) + BPE vocabulary
   4. eps      python train.py config/mini_eps.py      the "SDXL base": epsilon, beta_end 0.012, no zsnr
   5. vpred    python train.py config/mini_vpred.py    the recipe: v, 0.024 + zsnr, sigmoid k=5, AdamW8bit,
-              after a 1-step lr=0 run that evaluates the eps model read as v (step 0 of the progress curve)
+              after a 1-step run at lr 1e-30 (no weight changes) that evaluates the eps model read as v (step 0 of the progress curve)
   6. ablation sample_ablation.py on both exports: four-panel grids + per-t-bin tables on the held-out images
   7. report   progress curve PNG (PIL), results.json, summary table; PNGs + JSON copied to assets/mini/
 """
@@ -224,9 +224,10 @@ def main():
         *common, *iters(eps_iters))
     stage("vpred")  # -----------------------------------------------------------------------------------------
     eps_export = f"--init_from={P('eps', 'model.safetensors')}"
-    # step 0 of the curve: one step at lr 0 leaves the eps weights as they are, then train.py's own eval runs
+    # step 0 of the curve: one step at an lr far below fp32's resolution of these weights (train.py refuses 0,
+    # which trains nothing) leaves the eps weights bit for bit as they are, then train.py's own eval runs
     run("train.py", "config/mini_vpred.py", f"--out_dir={P('v0')}", eps_export, *common, "--max_iters=1",
-        "--lr=0", "--eval_interval=1")
+        "--lr=1e-30", "--min_lr=0", "--eval_interval=1")
     run("train.py", "config/mini_vpred.py", f"--out_dir={P('vpred')}", eps_export, *common, *iters(v_iters))
 
     stage("ablation")  # --------------------------------------------------------------------------------------
@@ -236,9 +237,15 @@ def main():
             f"--dataset_dir={P('images')}", f"--quant_n={eval_items}", "--overwrite=True")  # (a rerun's own files)
 
     stage("report")  # ----------------------------------------------------------------------------------------
+    report(config, P, psnr, mu, sd)
+
+
+
+def report(config, P, psnr, mu, sd):
+    """results.json (and assets/mini) from the runs' eval logs and the two ablation tables, then the summary."""
     read_jsonl = lambda p: [json.loads(line) for line in open(p)]
     curve = read_jsonl(P("v0", "eval.jsonl"))[:1] + read_jsonl(P("vpred", "eval.jsonl"))
-    curve[0]["iter"] = 0  # the lr=0 step changed nothing: this is the eps model read as v
+    curve[0]["iter"] = 0  # the lr=1e-30 step changed nothing: this is the eps model read as v
     draw_curve(P("progress.png"), curve)
     quant = {n: json.load(open(P(f"ablation_{n}.json")))["quant"] for n in ("eps", "vpred")}
     labels = list(quant["vpred"]["recon"])  # panel labels, in sample_ablation's panel order
@@ -259,6 +266,10 @@ def main():
             shutil.copy(P(name), os.path.join(REPO, assets, name))
         print(f"copied the PNGs and results.json to {assets}/")
 
+    print_summary(s, curve, labels)
+
+
+def print_summary(s, curve, labels):
     print("\n==== miniature reproduction: summary")
     print(f"VAE held-out PSNR                                  {s['vae_psnr_db']:.2f} dB")
     print(f"held-out v-MSE t 900-999 (sample_ablation table)   eps read as v {s['v_mse_t900_eps_read_as_v']:.4f}, "

@@ -375,10 +375,8 @@ def write_json(obj, path):
     files.write_json(path, walk(obj), indent=1, default=str)
 
 
-def main():
-    configurator.on_stop_signals()  # Ctrl-C, SIGTERM, SIGHUP: one line, temp files removed, exit 128 + signal
-    config = configurator.configure(globals())
-    # everything the config shows, before anything is loaded
+def check_config(config):
+    """Everything the config shows, before anything is loaded."""
     configurator.check(config, choices={"dtype": ("", "float32", "bfloat16", "float16"),
                                         "max_token_length": clip_tokenizer.MAX_TOKEN_LENGTHS},
                        at_least={"height": 0, "width": 0, "batch_size": 1, "quant_n": 1},
@@ -395,6 +393,12 @@ def main():
         raise UserError("config error: --panels is empty: give at least one (beta_end, zsnr, prediction) panel")
     if quant and dataset_dir and not os.path.isdir(dataset_dir):
         raise UserFileNotFound(f"--dataset_dir={dataset_dir!r} is not a folder")
+
+
+def main():
+    configurator.on_stop_signals()  # Ctrl-C, SIGTERM, SIGHUP: one line, temp files removed, exit 128 + signal
+    config = configurator.configure(globals())
+    check_config(config)
     t_start = time.time()
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     amp_dtype = getattr(torch, dtype) if dtype else None

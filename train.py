@@ -14,12 +14,10 @@ Launch:
     python train.py config/tiny.py --init_from=resume                # continue out_dir's ckpt.pt exactly
     python train.py --help                                           # every key, default and meaning
 """
-import json
 import math
 import os
 import platform
 import random
-import signal
 import sys
 import time
 from contextlib import nullcontext

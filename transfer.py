@@ -173,7 +173,8 @@ def _schedule(meta):
 # -----------------------------------------------------------------------------
 
 
-def extract():
+def _check_pair():
+    """The eps and v-pred files: both SDXL single files of one size, the markers the right way round."""
     _input(eps, "eps"), _input(vpred, "vpred")
     _check_out({"eps": eps, "vpred": vpred})
     _, keys_e, dtypes_e, _, markers_e = _layout(eps, "eps")
@@ -190,6 +191,33 @@ def extract():
                         f"started from")
     if not markers_v["v_pred"]:
         print(f"note: --vpred={vpred} has no v_pred marker; extracting all the same")
+    return unet, keys_v, dtypes_e, dtypes_v, meta_v
+
+
+def _metadata(kind, out_dtype, recipe, meta_v, alpha):
+    """What the delta file says it is: modelspec, kohya's network keys for a LoRA, and what it needs to sample."""
+    about = {"kind": "delta" if rank == 0 else "lora", "rank": rank, "norms": "diff" if rank == 0 else norms,
+             "eps": os.path.basename(eps), "vpred": os.path.basename(vpred), "dtype": str(out_dtype)[6:],
+             "svd": "exact" if exact_svd else f"randomized ({_OVERSAMPLE} extra columns, {_POWER_ITERS} power "
+                                               f"iterations) where smaller than the matrix, else exact",
+             "needs": "v-prediction sampling with zero terminal SNR (trailing spacing, CFG rescale 0.7): the model "
+                      "it is added to must be sampled as v, which transfer.py --mode=apply marks in the file"}
+    meta = {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+            "modelspec.title": os.path.splitext(os.path.basename(out))[0], "modelspec.prediction_type": "v",
+            "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "modelspec.description": f"The v-prediction conversion of {about['vpred']}: its UNet weight change from "
+                                     f"{about['eps']} ({kind}). A model it is added to must be sampled with "
+                                     f"v-prediction and zero terminal SNR.",
+            "ss_base_model_version": "sdxl_base_v1-0", "vpred_transfer": json.dumps(about),
+            "training_config": json.dumps(recipe), "noise_schedule": meta_v.get("noise_schedule") or json.dumps(
+                {k: recipe[k] for k in ("beta_start", "beta_end", "zsnr")})}
+    if rank > 0:
+        meta.update({"ss_network_module": "networks.lora", "ss_network_dim": f"{alpha:g}", "ss_network_alpha": f"{alpha:g}"})
+    return meta
+
+
+def extract():
+    unet, keys_v, dtypes_e, dtypes_v, meta_v = _check_pair()
     recipe = _schedule(meta_v)
     widest = max((d[k] for d in (dtypes_e, dtypes_v) for k in unet), key=lambda t: torch.finfo(t).bits)
     out_dtype = _DTYPES[dtype] if dtype != "auto" else _WIDER[widest] if rank == 0 else torch.float16
@@ -244,23 +272,7 @@ def extract():
             tensors[name + ".lora_up.weight"] = checkpoint.Lazy((shape[0], r, *[1] * (len(shape) - 2)), out_dtype,
                                                                 lambda k=k: factor(k, "up"))
             tensors[name + ".alpha"] = torch.tensor(alpha)
-    about = {"kind": "delta" if rank == 0 else "lora", "rank": rank, "norms": "diff" if rank == 0 else norms,
-             "eps": os.path.basename(eps), "vpred": os.path.basename(vpred), "dtype": str(out_dtype)[6:],
-             "svd": "exact" if exact_svd else f"randomized ({_OVERSAMPLE} extra columns, {_POWER_ITERS} power "
-                                               f"iterations) where smaller than the matrix, else exact",
-             "needs": "v-prediction sampling with zero terminal SNR (trailing spacing, CFG rescale 0.7): the model "
-                      "it is added to must be sampled as v, which transfer.py --mode=apply marks in the file"}
-    meta = {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
-            "modelspec.title": os.path.splitext(os.path.basename(out))[0], "modelspec.prediction_type": "v",
-            "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "modelspec.description": f"The v-prediction conversion of {about['vpred']}: its UNet weight change from "
-                                     f"{about['eps']} ({kind}). A model it is added to must be sampled with "
-                                     f"v-prediction and zero terminal SNR.",
-            "ss_base_model_version": "sdxl_base_v1-0", "vpred_transfer": json.dumps(about),
-            "training_config": json.dumps(recipe), "noise_schedule": meta_v.get("noise_schedule") or json.dumps(
-                {k: recipe[k] for k in ("beta_start", "beta_end", "zsnr")})}
-    if rank > 0:
-        meta.update({"ss_network_module": "networks.lora", "ss_network_dim": f"{alpha:g}", "ss_network_alpha": f"{alpha:g}"})
+    meta = _metadata(kind, out_dtype, recipe, meta_v, alpha)
     t0 = time.time()
     try:
         checkpoint.write_safetensors(tensors, out, meta)
