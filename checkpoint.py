@@ -146,8 +146,13 @@ def _config(path, shapes):
 
 
 def read_config(path) -> SDXLConfig:
-    """The model sizes of a checkpoint from its header alone (nothing is loaded): for checks before loading."""
+    """The model sizes of a checkpoint from its header alone (nothing is loaded): for checks before loading.
+    Weights stored as integers (a quantised file) are refused here, before hours of caching."""
     with _open(path) as f:
+        ints = [k for k in f.keys() if k not in IGNORED_KEYS and f.get_slice(k).get_dtype() not in FLOAT_NAMES]
+        if ints:
+            raise CheckpointError(f"{path}: {len(ints)} weights are not floating point, e.g. {_few(ints, 2)} "
+                                  f"({f.get_slice(ints[0]).get_dtype()}): a quantised file; use an fp32/fp16/bf16 one")
         return _config(path, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
 
 
@@ -171,6 +176,7 @@ def _layout(path, shapes) -> SDXL:
 _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
               torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
 ST_DTYPES = {name: dtype for dtype, name in _ST_DTYPES.items()}  # the header's dtype names -> torch's
+FLOAT_NAMES = ("F32", "F16", "BF16", "F64")
 
 
 def read_layout(path):

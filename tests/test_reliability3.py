@@ -10,6 +10,7 @@ import os
 import shutil
 
 import pytest
+import torch
 from safetensors import safe_open
 
 from test_reliability import one_line, run, snapshot
@@ -113,3 +114,16 @@ def test_what_the_config_and_files_show_is_one_line_up_front(tiny, tmp_path):
     (images / "metadata.jsonl").mkdir()
     one_line(run(*fresh, out, f"--dataset_dir={images}", "--eval_items=1"), "metadata.jsonl is not a file")
     assert not (tmp_path / "out" / "ckpt.pt").exists()
+
+
+def test_a_quantised_start_checkpoint_is_refused_before_the_scan(tiny, tmp_path):
+    from safetensors.torch import load_file, save_file
+    d, common = tiny
+    weights = load_file(str(d / "start.safetensors"))
+    key = next(k for k in weights if k.endswith("in_layers.2.weight"))
+    weights[key] = weights[key].to(torch.int8)
+    save_file(weights, str(tmp_path / "int8.safetensors"))
+    r = run(*common, f"--out_dir={tmp_path}/out", f"--init_from={tmp_path}/int8.safetensors",
+            f"--cache_dir={tmp_path}/cache")
+    one_line(r, "not floating point", "quantised")
+    assert "scan" not in r.stdout and not (tmp_path / "cache").exists() or not os.listdir(tmp_path / "cache")
