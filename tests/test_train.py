@@ -98,6 +98,12 @@ def test_export_loads_in_diffusers(assets):
     sc = pipe.scheduler.config
     assert sc.prediction_type == "v_prediction" and sc.beta_end == pytest.approx(0.024)
     assert sc.rescale_betas_zero_snr and sc.timestep_spacing == "trailing"
+    # the model card train.py wrote beside it, as huggingface_hub parses it (its text: tests/test_card.py)
+    from huggingface_hub import ModelCard
+    from test_card import SETTINGS, UIS
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == "start.safetensors" and "v-prediction" in card.data.tags
+    assert all(text in card.text for text in SETTINGS + UIS), [t for t in SETTINGS + UIS if t not in card.text]
     g = torch.Generator().manual_seed(0)
     cu = ours.cfg.unet
     x = torch.randn(2, 4, 16, 12, generator=g)
