@@ -49,7 +49,8 @@ def read(out_dir, sharded):
 
 # the keys that define what a run trains: a resume must keep them (the others, such as lr and its schedule,
 # max_iters, intervals and logging, may change, and the change is printed)
-IDENTITY = ("prediction", "beta_start", "beta_end", "zsnr", "weighting", "k", "gamma", "optimizer", "precision", "dtype",
+# (the optimizer too: check() names it with the state the file holds)
+IDENTITY = ("prediction", "beta_start", "beta_end", "zsnr", "weighting", "k", "gamma", "precision", "dtype",
             "max_token_length", "ema_decay", "ema_interval", "seed", "resolution", "bucket_step", "crop", "flip",
             "caption_dropout", "cache_dtype", "weight_decay", "adam_eps")
 NOT_ADOPTED = ("init_from", "overwrite", "parallel", "out_dir")  # where the run is, not what it trains
