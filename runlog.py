@@ -9,6 +9,7 @@ batch's, not rank 0's share.
 import json
 import os
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -34,15 +35,29 @@ class RunLog:
         self.reset()
 
     def reset(self):
-        """A new interval: the sums back to zero, the clock restarted (also after evals and previews)."""
+        """A new interval: the sums back to zero, the clock and the peak-memory counter restarted (the peak printed is
+        the interval's training steps', not the cache build's before them)."""
         zeros = lambda *shape: torch.zeros(shape, device=self.device)
         self.loss, self.n, self.bins, self.bin_n, self.imgs, self.flops = zeros(), 0, zeros(10), zeros(10), 0, 0.0
-        self.restart()
+        self.sync()
+        self.t0 = time.time()
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats(self.device)
 
-    def restart(self):
+    def sync(self):
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
-        self.t0 = time.time()
+
+    @contextmanager
+    def paused(self):
+        """Time spent inside (a checkpoint, an eval, previews) is left out of the interval's img/s and ms/it."""
+        self.sync()
+        t = time.time()
+        try:
+            yield
+        finally:
+            self.sync()
+            self.t0 += time.time() - t
 
     def add_batch(self, t, mse, latent_hw):
         """One micro-step's timesteps and per-sample MSE (this process's share of the global batch)."""
@@ -62,8 +77,7 @@ class RunLog:
 
     def line(self, step, lr, betas, gnorm, skipped):
         """The interval's line after `step` steps, then a new interval."""
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
+        self.sync()
         elapsed = time.time() - self.t0
         if self.procs.on:
             sums = self.procs.sum(torch.cat([self.loss.view(1), self.bins, self.bin_n]))
@@ -94,7 +108,6 @@ class RunLog:
             with open(os.path.join(self.out_dir, "eval.jsonl"), "a") as f:
                 f.write(json.dumps({"iter": step, "target": target, "mse_bins": bins}) + "\n")
             self.scalars("eval", {f"mse_bin{i}": v for i, v in enumerate(bins)}, step)
-        self.restart()
 
     def scalars(self, group, values, step):
         if self.tb:

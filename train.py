@@ -424,19 +424,19 @@ while iter_num < max_iters:
         sys.exit(f"stopping: {consecutive} non-finite steps in a row (lower lr? check the data); ckpt.pt written")
 
     if (ckpt_interval and iter_num % ckpt_interval == 0) or iter_num == max_iters or signals.received:
-        save_state(iter_num, loader_state)  # before the eval and previews: a failure there never costs it
+        with log.paused():  # (checkpoints, evals and previews are left out of img/s)
+            save_state(iter_num, loader_state)  # before the eval and previews: a failure there never costs it
     if signals.received:
         break
     if iter_num % log_interval == 0:
         log.line(iter_num, get_lr(iter_num - 1), get_betas(iter_num - 1), gnorm, skipped)
     # eval and previews: rank 0's, but under fsdp every rank must join the forward (its shards are needed)
     if eval_interval and (iter_num % eval_interval == 0 or iter_num == max_iters) and procs.joins_forward:
-        with ema.swapped() if ema and ema_eval else nullcontext():
+        with log.paused(), ema.swapped() if ema and ema_eval else nullcontext():
             log.eval(iter_num, prediction, evaluate())
     if sample_interval and iter_num % sample_interval == 0 and procs.joins_forward:
-        with ema.swapped() if ema and ema_eval else nullcontext():
+        with log.paused(), ema.swapped() if ema and ema_eval else nullcontext():
             preview(iter_num)
-        log.restart()
 
 if signals.received:
     sys.exit(128 + signals.received)  # stopped, not finished: the resume state holds the run, nothing is exported
