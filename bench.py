@@ -54,6 +54,7 @@ import optim
 import perf
 import schedule
 
+_t_launch = time.time()  # progress lines say how far into the run they are (a leading _: not a config key)
 # -----------------------------------------------------------------------------
 # train.py's keys and defaults, read from its source (any training config works here as-is; the keys the step
 # does not use are ignored), then the keys whose bench default differs and the bench's own
@@ -65,6 +66,8 @@ model_size = "auto"  # auto (init_from / tiny_size decide) | tiny | full (tiny a
 width = 0  # random models: model_channels override (the full topology's 1680 tensors at a CPU size); 0 = as built
 compare = ""  # '' | 'diffusers': also time diffusers' UNet2DConditionModel on the identical step
 compile_diffusers = True  # False: leave diffusers' UNet eager even with compile=True (saves one compile)
+measure = "both"  # with compare: both | ours | diffusers: time only that side (a GPU call times each side in its own
+#                   process, under its own time limit; tests/gpu/collect.py pairs the two records for the ratio)
 sdpa = ""  # '' = torch's choice | flash | cudnn | efficient | math: allow only that attention backend (CUDA)
 channels_last = torch.cuda.is_available()  # channels_last memory format for both UNets (cuDNN convs)
 warmup = 3  # untimed steps after the first (compiling) step
@@ -85,11 +88,13 @@ config = configurator.configure(globals())
 configurator.check(config, choices={
     "prediction": ("v", "eps"), "weighting": schedule.WEIGHTINGS, "optimizer": optim.OPTIMIZERS,
     "precision": ("amp", "bf16"), "dtype": ("float32", "bfloat16", "float16"), "model_size": ("auto", "tiny", "full"),
-    "compare": ("", "diffusers"), "sdpa": ("", "flash", "cudnn", "efficient", "math"),
+    "compare": ("", "diffusers"), "measure": ("both", "ours", "diffusers"), "sdpa": ("", "flash", "cudnn", "efficient", "math"),
     "compile_mode": tuple(torch._inductor.list_mode_options()), "compile_scope": distributed.SCOPES}, at_least={
     "resolution": 32, "batch_size": 1, "width": 0, "warmup": 0, "iters": 1, "rounds": 1, "threads": 0,
     "peak_tflops": 0, "lr": 0, "weight_decay": 0, "adam_eps": 0, "grad_clip": 0, "gamma": 0}, within={
     "beta1": (0, 1), "beta2": (0, 1), "beta_start": (0, 1), "beta_end": (beta_start, 1), "k": (-math.inf, math.inf)})
+if measure != "both" and not compare:
+    raise configurator.UserError(f"config error: --measure={measure} picks a side of --compare=diffusers; add it")
 if len(record_as) != 2 or not all(isinstance(x, str) for x in record_as):
     raise configurator.UserError(f"config error: --record_as={record_as!r} must be two names, (ours, diffusers)")
 if resolution % 32 or (width and width % 32):  # latents are 1/8, halved twice by the UNet; GroupNorm's 32 groups
@@ -206,6 +211,10 @@ class AsOurs(torch.nn.Module):
         self.net.enable_gradient_checkpointing()
 
 
+def since_launch():
+    return f"{time.time() - _t_launch:.0f} s since launch"
+
+
 def make_optimizer(params):  # as train.py, for both sides
     return optim.configure_optimizer(params, optimizer, lr, (beta1, beta2), adam_eps, weight_decay,
                                     fused=device_type == "cuda", seed=seed)
@@ -241,6 +250,8 @@ def start(side):
     if device_type == "cuda":
         torch.cuda.synchronize()
     side["first_s"] = time.perf_counter() - t0
+    print(f"{side['name']}: first step {side['first_s']:.1f} s{' (compile)' if side['compiled'] else ''}, "
+          f"{since_launch()}")
     for _ in range(warmup):
         step(side, [])
     if device_type == "cuda":
@@ -332,10 +343,11 @@ def report(side):
 def write_record(s):
     """Appends side s's JSON line to --record as soon as the side is measured (closed, so flushed): a time limit
     or a failure later on (the other side's compile, say) loses nothing measured. The ratio to diffusers is not in
-    it: on a GPU ours is written before diffusers runs; tests/gpu/collect.py computes it from the two lines."""
+    it: on a GPU ours is written before diffusers runs (or in another process, with --measure); tests/gpu/collect.py
+    computes it from the two lines."""
     if not record:
         return
-    line = {"mode": record_as[sides.index(s)] or s["name"], "side": s["name"], "device": dev_name,
+    line = {"mode": record_as[s["name"] == "diffusers"] or s["name"], "side": s["name"], "device": dev_name,
             "device_type": device_type, "torch": torch.__version__, "img_s": s["ips"], "ms_step": s["phases"][-1],
             "ms_fwd_bwd_clip_opt": s["phases"][:4], "mfu": s["mfu"],
             "peak_gib": s["mem"] if device_type == "cuda" else None, "compile_s": s["first_s"],
@@ -387,13 +399,13 @@ if channels_last:
     batch["latents"] = batch["latents"].contiguous(memory_format=torch.channels_last)
 if compare:
     nets.append(("diffusers", AsOurs(theirs, batch["time_ids"]), compile and compile_diffusers))
-sides = [make_side(*n) for n in nets]
+sides = [make_side(*n) for n in nets if measure in ("both", n[0])]
 SHA = perf.git_sha()
 signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # a time limit: a clean exit, 143
 
 for s in sides:
     s["flops"] = count_flops(s["net"]) / batch_size
-    print(f"{s['name']}: {s['flops']:.6e} FLOP per image (fwd+bwd, counted on meta)")
+    print(f"{s['name']}: {s['flops']:.6e} FLOP per image (fwd+bwd, counted on meta), {since_launch()}")
 
 alternate = device_type == "cpu"  # both trainers fit in RAM; on a GPU two SDXL trainers (weights+grads+state) do not
 if alternate:
@@ -409,8 +421,9 @@ if alternate:
         s["ips"] = report(s)
         write_record(s)
 else:
-    if compare:
-        theirs.to("cpu")  # parked while ours runs
+    for name, net, _ in nets:
+        if name != sides[0]["name"]:
+            net.to("cpu")  # parked while the first side runs (with --measure, never brought back)
     for s in sides:
         s["net"].to(device)
         start(s)
@@ -425,15 +438,17 @@ else:
         if device_type == "cuda":
             torch.cuda.empty_cache()
 
-if device_type == "cuda" and resolution == 1024 and sum(p.numel() for p in unet.parameters()) > 2e9:
+paired = len(sides) == 2
+if device_type == "cuda" and resolution == 1024 and sum(p.numel() for p in unet.parameters()) > 2e9 and \
+        sides[0]["name"] == "ours":
     ours, verdict = sides[0], lambda ok: "met" if ok else "missed"
     if precision == "amp" and not grad_ckpt and batch_size == 4:
         print(f"target: {ours['ips']:.2f} img/s >= {TARGET_IMGS_PER_S} (compile {compile}): "
               f"{verdict(ours['ips'] >= TARGET_IMGS_PER_S)}")
-        if compare:
+        if paired:
             r = ours["ips"] / sides[1]["ips"]
             print(f"target: ratio {r:.2f} >= {TARGET_RATIO}: {verdict(r >= TARGET_RATIO)}")
     if precision == "bf16" and grad_ckpt and batch_size == 1:
         print(f"target: peak {ours['mem']:.1f} GiB <= {TARGET_24GB_GIB}: {verdict(ours['mem'] <= TARGET_24GB_GIB)}")
-if compare:
+if paired:
     print(f"ratio {sides[0]['ips'] / sides[1]['ips']:.2f}")
