@@ -14,8 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests", "gpu"))
 import collect  # noqa: E402
 
-STAGES = ["compiled", "24gb", "train_e2e", "train_resume", "default_eager", "sdpa_flash", "sdpa_cudnn", "scope_blocks",
-          "scope_unet"]  # the default order of tests/gpu/run.sh
+STAGES = ["compiled", "24gb", "train_e2e", "diffusers_compiled", "scope_blocks", "train_resume", "default_eager",
+          "sdpa_flash", "sdpa_cudnn", "scope_unet"]  # the default order of tests/gpu/run.sh
 TYPES = {"mode": str, "device": str, "torch": str, "img_s": (float, type(None)), "ms_step": (float, type(None)),
          "mfu": (float, type(None)), "peak_gib": (float, type(None)), "compile_s": (float, type(None)),
          "ratio_vs_diffusers": float, "command": str, "git_sha": str}
@@ -37,10 +37,14 @@ def test_collector_reads_logs_and_records(tmp_path):
     (tmp_path / "train.log").write_text(TRAIN_LOG)
     bench = {"mode": "default_compiled", "side": "ours", "device": "NVIDIA H200", "device_type": "cuda",
              "torch": "2.11.0+cu130", "img_s": 21.0, "ms_step": 190.5, "mfu": 42.9, "peak_gib": 60.2, "compile_s": 30.1,
-             "command": "python bench.py --compare=diffusers", "git_sha": "abc", "extra": 1}
-    theirs = dict(bench, mode="diffusers_compiled", side="diffusers", img_s=16.8)
-    small = dict(theirs, mode="24gb", side="ours", peak_gib=21.5, command="python bench.py --precision=bf16")
-    lines = [json.dumps(r) + "\n" for r in (bench, theirs, small)]
+             "compiled": True, "precision": "amp", "grad_ckpt": False, "batch_size": 4,
+             "command": "python bench.py", "git_sha": "abc", "extra": 1}
+    # timed in another process (its own command), after the 24 GB mode's record: paired by the step, not the line
+    theirs = dict(bench, mode="diffusers_compiled", side="diffusers", img_s=16.8,
+                  command="python bench.py --compare=diffusers --measure=diffusers")
+    small = dict(bench, mode="24gb", side="ours", peak_gib=21.5, precision="bf16", grad_ckpt=True, batch_size=1,
+                 command="python bench.py --precision=bf16")
+    lines = [json.dumps(r) + "\n" for r in (bench, small, theirs)]
     cut = json.dumps(dict(small, mode="default_eager"))[:70] + "\n"  # a line cut by a kill mid-write
     (tmp_path / "records.jsonl").write_text(lines[0] + cut + lines[1] + lines[2] + "[1, 2]\n")
     run = tmp_path / "run"
@@ -54,10 +58,10 @@ def test_collector_reads_logs_and_records(tmp_path):
     assert (train["device"], train["git_sha"]) == ("NVIDIA H200", "def")
     assert "train_e2e: compile per bucket 1024x1024 171.3 s, 832x1216 40.5 s" in notes
     assert "train_e2e: 3 log lines, last iter 15, not exported" in notes
-    assert [r["mode"] for r in records[1:]] == ["default_compiled", "diffusers_compiled", "24gb"]
+    assert [r["mode"] for r in records[1:]] == ["default_compiled", "24gb", "diffusers_compiled"]
     damaged = [n for n in notes if n.startswith("records.jsonl line")]
     assert len(damaged) == 2 and damaged[0].startswith("records.jsonl line 2 skipped (damaged"), notes
-    # the ratio from the two compiled records; none on the record of another command
+    # the ratio from the two compiled records; none on the record of another step
     assert "extra" not in records[1] and records[1]["ratio_vs_diffusers"] == pytest.approx(1.25)
     assert "ratio_vs_diffusers" not in records[2] and "ratio_vs_diffusers" not in records[3]
     lines = collect.verdicts(records, collect.targets())
@@ -69,8 +73,8 @@ def test_collector_reads_logs_and_records(tmp_path):
     with open(tmp_path / "records.jsonl", "a") as f:
         f.write(json.dumps(dict(small, peak_gib=20.0)) + "\n")
     records, notes = collect.collect(str(tmp_path), str(run))
-    assert [r["mode"] for r in records[1:]] == ["default_compiled", "diffusers_compiled", "24gb"]
-    assert records[3]["peak_gib"] == 20.0 and "24gb: measured again, the last record kept" in notes
+    assert [r["mode"] for r in records[1:]] == ["default_compiled", "24gb", "diffusers_compiled"]
+    assert records[2]["peak_gib"] == 20.0 and "24gb: measured again, the last record kept" in notes
 
 
 def run_script(tmp_path, timeout=900, out="out", **env):
@@ -98,14 +102,14 @@ def test_dry_run_writes_valid_results(tmp_path):
     assert ran == STAGES, lines
     records = json.loads((out / "results.json").read_text())
     modes = [rec["mode"] for rec in records]
-    assert modes == ["train_e2e", "train_resume", "default_compiled", "diffusers_compiled", "24gb", "default_eager",
-                     "sdpa_flash", "sdpa_cudnn"] + [s for s in STAGES if s.startswith("scope_")], r.stdout[-3000:]
+    assert modes == ["train_e2e", "train_resume", "default_compiled", "24gb", "diffusers_compiled", "scope_blocks",
+                     "default_eager", "sdpa_flash", "sdpa_cudnn", "scope_unet"], r.stdout[-3000:]
     for rec in records:
         assert set(TYPES) - {"ratio_vs_diffusers"} <= set(rec) <= set(TYPES), rec
         for key, value in rec.items():
             assert isinstance(value, TYPES[key]), (key, value)
     assert records[0]["img_s"] > 0 and records[0]["compile_s"] > 0  # steady steps after the first, timed compiles
-    assert records[2]["ratio_vs_diffusers"] == pytest.approx(records[2]["img_s"] / records[3]["img_s"])
+    assert records[2]["ratio_vs_diffusers"] == pytest.approx(records[2]["img_s"] / records[4]["img_s"])
     assert len(os.listdir(out)) <= 8 and (out / "run.json").exists()  # the device tool returns at most 8 files
     assert (tmp_path / "repo" / "assets" / "gpu" / "results.json").read_text() == (out / "results.json").read_text()
     md = (out / "results.md").read_text()

@@ -18,7 +18,7 @@ import statistics
 import sys
 
 KEYS = ("mode", "device", "torch", "img_s", "ms_step", "mfu", "peak_gib", "compile_s", "ratio_vs_diffusers",
-        "command", "git_sha")  # ratio_vs_diffusers only where diffusers ran in the same call
+        "command", "git_sha")  # ratio_vs_diffusers only where diffusers timed the same step
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ITER = re.compile(r"^iter (\d+): loss .*?, ([\d.]+) img/s, (\d+) ms/it, mfu ([\d.]+%|-), mem ([\d.]+GiB|-),")
 BUCKET = re.compile(r"^compiled bucket (\d+x\d+): ([\d.]+) s")
@@ -53,21 +53,26 @@ def parse_train_log(text):
 
 
 def train_record(mode, log, run):
-    """A results record from a parsed train.py log: img/s, ms/step and MFU are means over the log lines after the
-    first (the first interval holds the first step), peak memory the largest printed."""
+    """A results record from a parsed train.py log: img/s, ms/step and MFU are medians over the log lines after the
+    first (the first interval holds the first step; a median also ignores one interval that held a pause, such as
+    a checkpoint write in a log from before train.py left those out), peak memory the largest printed."""
     steady = log["iters"][1:]
-    mean = lambda key: statistics.fmean(x[key] for x in steady) if steady and steady[0][key] is not None else None
+    median = lambda key: statistics.median(x[key] for x in steady) if steady and steady[0][key] is not None else None
     mems = [x["mem_gib"] for x in log["iters"] if x["mem_gib"] is not None]
     return {"mode": mode, "device": run.get("device", "unknown"), "torch": run.get("torch", "unknown"),
-            "img_s": mean("img_s"), "ms_step": mean("ms_it"), "mfu": mean("mfu"), "peak_gib": max(mems, default=None),
+            "img_s": median("img_s"), "ms_step": median("ms_it"), "mfu": median("mfu"), "peak_gib": max(mems, default=None),
             "compile_s": log["compile_s"], "command": log["command"], "git_sha": run.get("git_sha", "unknown")}
+
+
+SAME_STEP = ("device", "torch", "compiled", "compile_mode", "sdpa", "precision", "grad_ckpt", "batch_size",
+             "resolution", "params", "git_sha")  # an ours and a diffusers record that timed the same step
 
 
 def bench_records(lines):
     """(records, notes) from bench.py --record lines (their other fields are dropped). A line that is not a whole
-    record is skipped with a note. ratio_vs_diffusers is computed here, on an ours record from the diffusers record
-    that follows it with the same command (bench.py writes each side's line as soon as that side is measured,
-    ours first, so neither line can hold the ratio)."""
+    record is skipped with a note. ratio_vs_diffusers is computed here, on an ours record from the last diffusers
+    record of the same step (SAME_STEP): bench.py writes each side's line as soon as that side is measured, and a
+    GPU call may time the two sides in two processes, so neither line can hold the ratio."""
     raws, notes = [], []
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -82,13 +87,13 @@ def bench_records(lines):
             notes.append(f"records.jsonl line {n} skipped (damaged: no {', '.join(missing)}): {line.strip()[:80]}")
             continue
         raws.append(raw)
+    step = lambda r: tuple(r.get(k) for k in SAME_STEP)
+    theirs = {step(r): r for r in raws if r.get("side") == "diffusers" and r["img_s"]}
     out = []
-    for i, raw in enumerate(raws):
+    for raw in raws:
         rec = {k: raw[k] for k in KEYS if k in raw}
-        theirs = raws[i + 1] if i + 1 < len(raws) else {}
-        if (raw.get("side") == "ours" and theirs.get("side") == "diffusers" and theirs["command"] == raw["command"]
-                and theirs["img_s"]):
-            rec["ratio_vs_diffusers"] = raw["img_s"] / theirs["img_s"]
+        if raw.get("side") == "ours" and step(raw) in theirs:
+            rec["ratio_vs_diffusers"] = raw["img_s"] / theirs[step(raw)]["img_s"]
         out.append(rec)
     return out, notes
 
