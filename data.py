@@ -190,9 +190,9 @@ def scan_dataset(root, buckets=None, seed=0, crop="center", flip=False, min_pixe
     Images: .png .jpg .jpeg .webp, recursive (through symlinked folders), sorted by relative path. Captions:
     root/metadata.jsonl (`file_name` and `text`, or `caption` / `prompt`) if present, else the same-stem .txt;
     none -> empty caption, counted once. Skipped with one printed line each: zero-size, unreadable,
-    undecodable or truncated files, and images under min_pixels (default: the smallest bucket's area, i.e. no
-    image is upscaled). Images above min_pixels but smaller than their bucket are upscaled to cover it, as
-    kohya's sd-scripts does by default, and counted. buckets=None plans against make_buckets()'s defaults and
+    undecodable or truncated files, and images under min_pixels (default: a quarter of the smallest bucket's
+    area, train.py's default too). Images above min_pixels but smaller than their bucket are upscaled to cover
+    it, as kohya's sd-scripts does by default, and counted. buckets=None plans against make_buckets()'s defaults and
     skips no size (enough to read the captions). quiet=True prints nothing.
     """
     root = os.path.abspath(root)
@@ -200,7 +200,7 @@ def scan_dataset(root, buckets=None, seed=0, crop="center", flip=False, min_pixe
         raise UserFileNotFound(f"dataset folder {root} does not exist")
     if buckets is None:
         buckets, min_pixels = make_buckets(), (0 if min_pixels is None else min_pixels)
-    min_pixels = min(h * w for h, w in buckets) if min_pixels is None else min_pixels
+    min_pixels = min(h * w for h, w in buckets) // 4 if min_pixels is None else min_pixels
     log = (lambda *a: None) if quiet else print
     rels = _image_files(root)
     meta = _read_metadata(root, log)

@@ -255,7 +255,7 @@ procs.wait()
 tok = clip_tokenizer.load_tokenizer(tokenizer)
 buckets = data.make_buckets(area=resolution * resolution, step=bucket_step)
 items = data.scan_dataset(dataset_dir, buckets=buckets, seed=seed, crop=crop, flip=flip,
-                          min_pixels=min_pixels or min(h * w for h, w in buckets) // 4)
+                          min_pixels=min_pixels or None)
 if not items:
     raise configurator.UserError(f"{dataset_dir}: no usable images (see the lines above); add .png, .jpg, .jpeg "
                                  f"or .webp files")
