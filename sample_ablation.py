@@ -24,6 +24,7 @@ Launch:
 Writes FILE.png and FILE.json (the exact settings, the checkpoint's markers, the quant table); an existing one is
 replaced only with --overwrite=True, and a JSON this script did not write (train.py's run.json) never is.
 """
+import json
 import math
 import os
 import shutil
@@ -51,7 +52,7 @@ out = "ablation.png"  # grid PNG; the JSON with the exact settings goes beside i
 overwrite = False  # replace an existing --out PNG and the ablation JSON beside it (otherwise it refuses)
 tokenizer = ""  # vocab.json + merges.txt folder (or one with tokenizer/ inside) or hf:REPO; '' = <ckpt dir>/diffusers if train.py exported it there, else hf:stabilityai/stable-diffusion-xl-base-1.0
 prompts = ""  # file with one prompt per line, or 'p1|p2|...'; '' = the built-in prompts
-max_token_length = 75  # 75 | 150 | 225: prompts as 1 | 2 | 3 chunks of 77 positions; the model's training setting (docs/sdxl_format.md §8)
+max_token_length = 0  # 75 | 150 | 225: prompts as 1-3 chunks of 77 positions (docs/sdxl_format.md §8); 0 = the model's (its metadata)
 seeds = [0]  # rows = prompts x seeds; every panel of a row starts from the same noise
 panels = [(0.024, True, "v"), (0.024, False, "v"), (0.012, False, "v"), (0.012, False, "eps")]  # columns: (beta_end, zsnr, prediction v|eps[, label]); default = the four of docs/maths.md §5
 steps = 25  # DDIM steps, trailing spacing: the first step is t=999
@@ -375,10 +376,20 @@ def write_json(obj, path):
     files.write_json(path, walk(obj), indent=1, default=str)
 
 
+def trained_token_length(meta):
+    """The prompt length an export of train.py was trained with (its training_config metadata); SDXL's 75 for a
+    file without one, or with one this code cannot read."""
+    try:
+        n = json.loads(meta.get("training_config") or "{}").get("max_token_length", 75)
+    except (ValueError, AttributeError):
+        return 75
+    return n if n in clip_tokenizer.MAX_TOKEN_LENGTHS else 75
+
+
 def check_config(config):
     """Everything the config shows, before anything is loaded."""
     configurator.check(config, choices={"dtype": ("", "float32", "bfloat16", "float16"),
-                                        "max_token_length": clip_tokenizer.MAX_TOKEN_LENGTHS},
+                                        "max_token_length": (0, *clip_tokenizer.MAX_TOKEN_LENGTHS)},
                        at_least={"height": 0, "width": 0, "batch_size": 1, "quant_n": 1},
                        within={"steps": (1, 1000), "guidance": (-math.inf, math.inf), "phi": (0, 1),
                                "train_beta_end": (0, 1), "quant_seed": (0, _SEED_MAX)})
@@ -432,16 +443,18 @@ def main():
     except checkpoint.CheckpointError as e:
         raise UserError(f"cannot load {path}: {e}") from None
     rows = [(p, s) for p in plist for s in seeds]
+    n_tokens = max_token_length or trained_token_length(sdxl.metadata)
     print(f"{path}: v_pred marker {sdxl.v_pred}, ztsnr marker {sdxl.ztsnr}; {len(rows)} rows x {len(pds)} panels, "
-          f"{H}x{W}, {steps} steps, guidance {guidance}, phi {phi}, on {dev}")
+          f"{H}x{W}, {steps} steps, guidance {guidance}, phi {phi}, prompts of {n_tokens} tokens, on {dev}")
     noise = initial_noise([s for _, s in rows], (sdxl.cfg.unet.in_channels, H // f, W // f)).to(dev)
-    context, pooled = encode_prompts(sdxl, tok, [p for p, _ in rows], dev, max_token_length)
+    context, pooled = encode_prompts(sdxl, tok, [p for p, _ in rows], dev, n_tokens)
     images = render(sdxl, context, pooled, noise, pds, steps, guidance, phi, H, W, batch_size, amp_dtype)
     row_labels = [f"{p} (seed {s})" for p, s in rows]
     save_grid(images, len(rows), len(pds), out, row_labels, [p["label"] for p in pds])
     print(f"wrote {out}")
     meta = sdxl.metadata
     result = {"config": config, "ckpt_path": path, "tokenizer": tok_spec, "device": dev, "height": H, "width": W,
+              "max_token_length": n_tokens,
               "rows": [{"prompt": p, "seed": s} for p, s in rows], "torch": torch.__version__,
               "timesteps": schedule.trailing_timesteps(steps).tolist(),
               "panels": [{k: v for k, v in p.items() if k != "abar"} for p in pds],
@@ -450,7 +463,7 @@ def main():
                                "noise_schedule": meta.get("noise_schedule")}}
     if quant:
         print(f"error table: encoding {len(quant_items) if quant_items else quant_n} held-out images")
-        x0, qctx, qpool, qids = held_out(sdxl, tok, quant_items, quant_n, H, W, quant_seed, dev, max_token_length)
+        x0, qctx, qpool, qids = held_out(sdxl, tok, quant_items, quant_n, H, W, quant_seed, dev, n_tokens)
         qnoise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(quant_seed)).to(dev)
         train_abar = schedule.alphas_cumprod(train_beta_end, train_zsnr)
         res = quant_ablation(unet_fn(sdxl, qctx, qpool, qids, batch_size, amp_dtype), x0, qnoise, pds, train_abar)

@@ -14,6 +14,7 @@ from PIL import Image
 import demo
 from configurator import UserError
 import checkpoint
+import export
 import model
 import sample_ablation as SA
 import schedule as S
@@ -82,7 +83,21 @@ def test_long_prompts(tiny_ckpt):
     imgs = SA.generate(sdxl, c225, p225, SA.initial_noise([0, 1], (4, 8, 8)), S.alphas_cumprod(0.024, True), 2)
     assert imgs.shape == (2, 3, 64, 64) and imgs.isfinite().all()
     r = run_script("--ckpt=/nonexistent.safetensors", "--out=/tmp/never.png", "--max_token_length=100")
-    assert r.returncode == 2 and "--max_token_length=100 is not one of 75 | 150 | 225" in r.stderr, r.stderr[-2000:]
+    assert r.returncode == 2 and "--max_token_length=100 is not one of 0 | 75 | 150 | 225" in r.stderr, r.stderr[-2000:]
+
+
+def test_prompt_length_from_the_models_metadata(tmp_path):
+    """--max_token_length=0 (the default) samples with the prompt length the model was trained with, read from
+    the training_config metadata that train.py's export writes; a file without it (or with a value this code does
+    not know) gets SDXL's 75."""
+    recipe = {"prediction": "v", "beta_start": 0.00085, "beta_end": 0.024, "zsnr": True, "max_token_length": 150}
+    sdxl = model.init_random_(model.SDXL(model.SDXLConfig.tiny()), seed=0)
+    path = str(tmp_path / "model.safetensors")
+    checkpoint.save_checkpoint(sdxl, path, v_pred=True, ztsnr=True, metadata=export.export_metadata(recipe))
+    assert SA.trained_token_length(checkpoint.load_checkpoint(path).metadata) == 150
+    for meta in ({}, {"training_config": "{not json"}, {"training_config": json.dumps({"max_token_length": 100})},
+                 {"training_config": json.dumps([1])}):
+        assert SA.trained_token_length(meta) == 75, meta
 
 
 def test_identical_seeds_identical_noise(monkeypatch):
@@ -204,6 +219,7 @@ def test_script_end_to_end(tiny_ckpt, tmp_path):
     assert js["timesteps"] == [999, 499]
     assert js["tokenizer"].endswith("diffusers") and js["ckpt_markers"]["v_pred"] is True
     assert js["rows"] == [{"prompt": CAPTIONS[0], "seed": 3}]
+    assert js["max_token_length"] == 75  # a file with no training_config: SDXL's single chunk
     assert [(p["beta_end"], p["zsnr"], p["prediction"]) for p in js["panels"]] == \
         [(0.024, True, "v"), (0.024, False, "v"), (0.012, False, "v"), (0.012, False, "eps")]
     q = js["quant"]
