@@ -88,7 +88,7 @@ config = configurator.configure(globals())
 configurator.check(config, choices={
     "prediction": ("v", "eps"), "weighting": schedule.WEIGHTINGS, "optimizer": optim.OPTIMIZERS,
     "precision": ("amp", "bf16"), "dtype": ("float32", "bfloat16", "float16"), "model_size": ("auto", "tiny", "full"),
-    "compare": ("", "diffusers"), "measure": ("both", "ours", "diffusers"), "sdpa": ("", "flash", "cudnn", "efficient", "math"),
+    "max_token_length": (75, 150, 225), "compare": ("", "diffusers"), "measure": ("both", "ours", "diffusers"), "sdpa": ("", "flash", "cudnn", "efficient", "math"),
     "compile_mode": tuple(torch._inductor.list_mode_options()), "compile_scope": distributed.SCOPES}, at_least={
     "resolution": 32, "batch_size": 1, "width": 0, "warmup": 0, "iters": 1, "rounds": 1, "threads": 0,
     "peak_tflops": 0, "lr": 0, "weight_decay": 0, "adam_eps": 0, "grad_clip": 0, "gamma": 0}, within={
@@ -385,7 +385,8 @@ h = w = resolution // 8
 assert h % 4 == 0, f"resolution {resolution} must be a multiple of 32 (latents / 4 after two downsamples)"
 g = torch.Generator(device="cpu").manual_seed(seed)
 batch = {"latents": torch.randn(batch_size, ucfg.in_channels, h, w, generator=g),  # cached (model scale)
-         "context": torch.randn(batch_size, 77, ucfg.context_dim, generator=g),  # cat(CLIP-L, bigG) hidden
+         # cat(CLIP-L, bigG) hidden states: 77 positions per 75 tokens of max_token_length (docs/sdxl_format.md §8)
+         "context": torch.randn(batch_size, 77 * max_token_length // 75, ucfg.context_dim, generator=g),
          "pooled": torch.randn(batch_size, ucfg.adm_in_channels - 6 * model.TIME_ID_DIM, generator=g),
          "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * batch_size).float()}
 batch = {k: v.to(device) for k, v in batch.items()}

@@ -35,6 +35,7 @@ batch_size = 4  # images per GPU (train.py's per-process micro-batch)
 resolution = 1024  # image side in pixels; latents are resolution/8 square
 precision = "amp"  # amp: fp32 weights and grads, bf16 autocast | bf16: pure bf16 weights and grads (the 24 GB mode)
 grad_ckpt = False  # per-block gradient checkpointing
+max_token_length = 75  # 75 | 150 | 225: the text context has 77, 154 or 231 positions (docs/sdxl_format.md §8)
 optimizer = "adamw8bit"  # adamw8bit (optim.FlatAdamW8bit) | adamw (torch: two moments in the weights' dtype)
 gpus = (1, 2, 4, 8)  # process counts shown
 cards = (24, 40, 48, 80, 141)  # card sizes in GB as sold; CUDA sees about as many GiB (an 80 GB H100: 79.6)
@@ -85,7 +86,7 @@ def storage(t):
     return t.untyped_storage()._cdata, t.untyped_storage().nbytes()
 
 
-def saved_activations(unet, batch, h, w, cast=None, device="meta"):
+def saved_activations(unet, batch, h, w, cast=None, device="meta", context_len=77):
     """One forward of the training loss under `cast` (a MetaAutocast, by default one with CUDA autocast's casts;
     or any autocast context), recording what autograd saves for backward: {storage: (bytes, block)} (block: index
     into sharding.blocks(unet), -1 outside them), the (storage, bytes) of each block's input, and {storage: bytes}
@@ -108,7 +109,8 @@ def saved_activations(unet, batch, h, w, cast=None, device="meta"):
             saved[key] = (n, where[0])
         return t
     with torch.device(device):
-        data = {"latents": torch.randn(batch, cfg.in_channels, h, w), "context": torch.randn(batch, 77, cfg.context_dim),
+        data = {"latents": torch.randn(batch, cfg.in_channels, h, w),
+                "context": torch.randn(batch, context_len, cfg.context_dim),
                 "pooled": torch.randn(batch, cfg.adm_in_channels - 6 * model.TIME_ID_DIM),
                 "time_ids": torch.randn(batch, 6)}
         t, noise = torch.randint(0, 1000, (batch,)), torch.randn(batch, cfg.in_channels, h, w)
@@ -190,21 +192,22 @@ def unet_on_meta(precision):
     return unet.to(torch.float32 if precision == "amp" else torch.bfloat16).requires_grad_(True).train()
 
 
-def report(batch_size, resolution, precision, grad_ckpt, optimizer, gpus, cards, headroom):
+def report(batch_size, resolution, precision, grad_ckpt, optimizer, gpus, cards, headroom, max_token_length=75):
     """The table (markdown) and the lines above it, as one string."""
     unet = unet_on_meta(precision)
     static = static_bytes(unet, precision, optimizer)
     side = resolution // 8
     real_attention, model.attention = model.attention, flash_attention
     try:
-        saved, inputs, copies = saved_activations(unet, batch_size, side, side)
+        saved, inputs, copies = saved_activations(unet, batch_size, side, side, context_len=77 * max_token_length // 75)
     finally:
         model.attention = real_attention
     act = activation_bytes(saved, inputs, copies, grad_ckpt)
     act_fsdp = activation_bytes(saved, inputs, copies, grad_ckpt, with_copies=False)
     lines = [f"SDXL UNet, {static['params']:,} parameters in {static['tensors']} tensors; {precision} "
              f"({'fp32 weights and grads' if precision == 'amp' else 'bf16 weights and grads'}, bf16 autocast), "
-             f"{optimizer}, batch {batch_size} per GPU at {resolution}x{resolution}, grad_ckpt {grad_ckpt}",
+             f"{optimizer}, batch {batch_size} per GPU at {resolution}x{resolution}, grad_ckpt {grad_ckpt}" +
+             (f", prompts of {max_token_length} tokens" if max_token_length != 75 else ""),
              f"activations (measured on meta): {act / GIB:.2f} GiB, of which autocast's bf16 weight copies "
              f"{(act - act_fsdp) / GIB:.2f} GiB (of {sum(copies.values()) / GIB:.2f} GiB made: a weight whose input "
              f"needs no grad is not saved; fsdp gathers its blocks in bf16 and makes none)",
@@ -222,8 +225,9 @@ def report(batch_size, resolution, precision, grad_ckpt, optimizer, gpus, cards,
 
 if __name__ == "__main__":
     config = configurator.configure(globals())
-    configurator.check(config, choices={"precision": ("amp", "bf16"), "optimizer": ("adamw8bit", "adamw")},
+    configurator.check(config, choices={"precision": ("amp", "bf16"), "optimizer": ("adamw8bit", "adamw"),
+                                        "max_token_length": (75, 150, 225)},
                        at_least={"batch_size": 1, "resolution": 32, "headroom": 0})
     if resolution % 32:
         raise configurator.UserError(f"config error: --resolution={resolution} must be a multiple of 32")
-    print(report(batch_size, resolution, precision, grad_ckpt, optimizer, gpus, cards, headroom))
+    print(report(batch_size, resolution, precision, grad_ckpt, optimizer, gpus, cards, headroom, max_token_length))

@@ -66,3 +66,12 @@ def test_state_bytes_are_what_the_optimizer_allocates():
     allocated = sum(buf[k].nbytes for buf in opt.buffers for k in ("state1", "state2", "absmax1", "absmax2") if k in buf)
     assert memory.adamw8bit_state_bytes([p.numel() for p in unet.parameters()]) == allocated
     assert any(p.numel() < optim.BNB_MIN_8BIT for p in unet.parameters())  # both kinds of state are there
+
+
+def test_context_follows_the_prompt_length():
+    # --max_token_length 75 | 150 | 225 -> 77 | 154 | 231 context positions: what the cross-attention saves for
+    # backward (K and V of the context, attention outputs' logsumexp aside) grows by the same bytes per 77 positions
+    unet = tiny_unet(device="meta")
+    total = lambda n: sum(b for b, _ in memory.saved_activations(unet, 2, 16, 16, context_len=n)[0].values())
+    a, b, c = total(77), total(154), total(231)
+    assert a < b < c and c - b == b - a, (a, b, c)
