@@ -1,6 +1,7 @@
 """
 The miniature reproduction: the whole uptrain (docs/maths.md §1, §5, §6) on a small SDXL-topology model, offline,
-on 2 CPU cores in about 45 minutes. It uses the real pipeline (train.py, sample_ablation.py) unchanged.
+on 2 CPU cores (78.6 min measured while another job shared them: README). It uses the real pipeline (train.py,
+sample_ablation.py, transfer.py) unchanged.
 
     python mini_repro.py                              # writes out/mini/ and copies the results to assets/mini/
     python mini_repro.py --out=out/mini2 --assets=    # another folder, no copy to assets/
@@ -84,7 +85,7 @@ v_seeds = [1337, 1338, 1339]  # train.py --seed of each uptrain from the one eps
 last_evals = 3  # train.py's curve, final value: the mean of its last 3 evals (steps 260, 280, 300)
 far = True  # the transfer experiment (stages far and transfer); False = the uptrain and its seeds only
 far_iters = 600  # the far fine-tune: config/mini_eps.py from the eps export, its lr (warmup, cosine 1e-3 -> 1e-4)
-#                  re-run for 600 steps, 3x the 200-step fine-tune on the base's own images tried before
+#                  re-run for 600 steps on other images, so that the fine-tune moves the weights farther than D does
 far_seed = 1  # demo.make_synthetic_dataset seed of the far fine-tune's images (the base's are seed 0)
 far_sizes = ((96, 64), (64, 96))  # (h, w) of the far images: train.py's center crop to 64x64 cuts a third of the
 #                  long side, so shapes sit at or over the edges and the size embeddings read 96x64 or 64x96, crop 16

@@ -1,5 +1,5 @@
 """mini_repro.py and its two train.py configs: the recipe they encode, the exact latent-scale fold, the curve.
-Fast (seconds): the full reproduction itself is `python mini_repro.py` (~30 min on 2 CPU cores)."""
+Fast (seconds): the full reproduction itself is `python mini_repro.py` (~80 min on 2 shared CPU cores)."""
 import ast
 import importlib.util
 import os
