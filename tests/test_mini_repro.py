@@ -1,5 +1,5 @@
 """mini_repro.py and its two train.py configs: the recipe they encode, the exact latent-scale fold, the curve.
-Fast (seconds): the full reproduction itself is `python mini_repro.py` (~30 min on 2 CPU cores)."""
+Fast (seconds): the full reproduction itself is `python mini_repro.py` (~80 min on 2 shared CPU cores)."""
 import ast
 import importlib.util
 import os
@@ -86,3 +86,72 @@ def test_progress_curve_png(mini, tmp_path):
     im = Image.open(path)
     assert im.size == (560, 340)
     assert len(im.convert("RGB").getcolors(1 << 16)) > 3  # axes, text and coloured lines were drawn
+
+
+def fake_quant(t900, x0):
+    """A sample_ablation 'quant' block: v-MSE per t-bin (t900 in the last), the same x0 error in every bin."""
+    labels = ("0.024 + zsnr, as v", "0.024, as v", "0.012, as v", "0.012, as eps")
+    return {"mse_v": [0.1] * 9 + [t900], "recon": {lab: [x0 * (i + 1)] * 10 for i, lab in enumerate(labels)}}
+
+
+def test_headline_over_seeds_and_transfer_table(mini):
+    """The headline is the mean and spread over the seeds' runs, the transfer rows read each model's table."""
+    quant = {"eps": fake_quant(2.0, 1.0), "vpred": fake_quant(0.1, 0.05), "vpred_s1338": fake_quant(0.2, 0.04),
+             "vpred_s1339": fake_quant(0.05, 0.06)}
+    for n, v in [("far_eps", 1.5), ("far_delta", 0.3), ("far_r128", 0.4), ("far_r32", 0.5), ("far_r8", 0.6),
+                 ("far_vpred", 0.09)]:
+        quant[n] = fake_quant(v, v / 10)
+    assert set(quant) == {"eps", "vpred", *mini.table_models()}
+    curves = {s: [{"iter": i, "mse_bins": [0.0] * 9 + [v]} for i, v in enumerate(vals)]
+              for s, vals in zip(mini.v_seeds, ([9, 0.2, 0.1, 0.3], [9, 0.4, 0.4, 0.4], [9, 9, 0.2, 0.2]))}
+    labels = list(quant["eps"]["recon"])
+    x0_err = lambda n: {lab: sum(quant[n]["recon"][lab]) / 10 for lab in labels}
+    h = mini.seed_headline(quant, curves, 2.0, labels, x0_err)
+    assert h["v_mse_t900_ratio"]["values"] == pytest.approx([20.0, 10.0, 40.0])
+    assert h["v_mse_t900_ratio"]["mean"] == pytest.approx(70 / 3) and h["v_mse_t900_ratio"]["std"] == \
+        pytest.approx(15.275252, rel=1e-6)  # the sample std (n - 1) of 20, 10, 40
+    assert (h["v_mse_t900_ratio"]["min"], h["v_mse_t900_ratio"]["max"]) == (10.0, 40.0)
+    assert h["curve_t900_final"]["values"] == pytest.approx([0.2, 0.4, 9.4 / 3])  # the mean of the last 3 evals
+    assert h["x0_err_mean_over_t"][labels[0]]["values"] == pytest.approx([0.05, 0.04, 0.06])
+    rows = mini.transfer_rows(quant, x0_err, labels, {0: 1.0, 128: 0.9, 32: 0.7, 8: 0.4})
+    assert [r["model"] for r in rows] == ["far_eps", "far_delta", "far_r128", "far_r32", "far_r8", "far_vpred",
+                                         "vpred", "eps"]
+    assert [r["v_mse_t900"] for r in rows[:3]] == [1.5, 0.3, 0.4] and rows[2]["share_of_D"] == 0.9
+    s = {"x0_err_mean_over_t": {"eps": x0_err("eps")}}
+    md = mini.results_md(s, h, rows, {"far_eps_minus_eps": 0.5, "D": 0.1, "D_far": 0.12, "cos_D_D_far": 0.3})
+    assert "23.3 ± 15.3 (10.0-40.0)x" in md and "| far fine-tune + rank-32 LoRA of D | 70.00% | 0.0500 | 0.5000 |" in md
+    assert "## Commands" in md
+
+
+def test_far_images_are_not_the_held_out_ones(mini, tmp_path):
+    """The far fine-tune's images, cropped to 64x64 as train.py crops them, share no bytes with the base's held-out
+    images and are not 64x64 pictures: the transfer table's held-out set is never trained on."""
+    import data
+    import demo
+    base = demo.make_synthetic_dataset(str(tmp_path / "base"), n=40, seed=0, sizes=((64, 64),))
+    far = demo.make_synthetic_dataset(str(tmp_path / "far"), n=40, seed=mini.far_seed,
+                                      sizes=tuple(map(tuple, mini.far_sizes)))
+    held = data.scan_dataset(base, buckets=[(64, 64)], quiet=True)[:mini.eval_items]
+    far_items = data.scan_dataset(far, buckets=[(64, 64)], quiet=True)
+    assert {it.file_hash for it in held}.isdisjoint(it.file_hash for it in far_items)
+    assert all(it.orig_hw != (64, 64) and it.bucket == (64, 64) for it in far_items)
+
+
+@pytest.mark.skipif(not os.environ.get("RUN_SLOW"), reason="every stage with tiny counts, ~3 min; RUN_SLOW=1 runs it")
+def test_smoke_every_stage(tmp_path):
+    """python mini_repro.py end to end with tiny counts: every stage runs, results.json and results.md hold the
+    seeds' headline and the transfer table."""
+    import json
+    import subprocess
+    import sys
+    out = tmp_path / "mini"
+    subprocess.run([sys.executable, "mini_repro.py", f"--out={out}", "--assets=", "--n_images=40", "--eval_items=4",
+                    "--vae_steps=2", "--eps_iters=2", "--v_iters=2", "--far_iters=2", "--v_seeds=[1, 2]",
+                    "--far_ranks=[4]", "--sample_steps=1"], cwd=ROOT, check=True)
+    res = json.load(open(out / "results.json"))
+    assert res["seeds"]["seeds"] == [1, 2] and len(res["seeds"]["v_mse_t900_ratio"]["values"]) == 2
+    assert [r["model"] for r in res["transfer"]["rows"]] == ["far_eps", "far_delta", "far_r4", "far_vpred", "vpred",
+                                                              "eps"]
+    assert res["transfer"]["rows"][1]["share_of_D"] == 1.0 and 0 < res["transfer"]["rows"][2]["share_of_D"] < 1
+    assert res["transfer"]["weights"]["far_eps_minus_eps"] > 0
+    assert "transfer.py --mode=apply" in (out / "results.md").read_text()
