@@ -53,6 +53,7 @@ import objective
 import optim
 import perf
 import schedule
+import tokenizer as clip_tokenizer
 
 _t_launch = time.time()  # progress lines say how far into the run they are (a leading _: not a config key)
 # -----------------------------------------------------------------------------
@@ -88,7 +89,8 @@ config = configurator.configure(globals())
 configurator.check(config, choices={
     "prediction": ("v", "eps"), "weighting": schedule.WEIGHTINGS, "optimizer": optim.OPTIMIZERS,
     "precision": ("amp", "bf16"), "dtype": ("float32", "bfloat16", "float16"), "model_size": ("auto", "tiny", "full"),
-    "max_token_length": (75, 150, 225), "compare": ("", "diffusers"), "measure": ("both", "ours", "diffusers"), "sdpa": ("", "flash", "cudnn", "efficient", "math"),
+    "max_token_length": clip_tokenizer.MAX_TOKEN_LENGTHS, "compare": ("", "diffusers"),
+    "measure": ("both", "ours", "diffusers"), "sdpa": ("", "flash", "cudnn", "efficient", "math"),
     "compile_mode": tuple(torch._inductor.list_mode_options()), "compile_scope": distributed.SCOPES}, at_least={
     "resolution": 32, "batch_size": 1, "width": 0, "warmup": 0, "iters": 1, "rounds": 1, "threads": 0,
     "peak_tflops": 0, "lr": 0, "weight_decay": 0, "adam_eps": 0, "grad_clip": 0, "gamma": 0}, within={
@@ -385,8 +387,9 @@ h = w = resolution // 8
 assert h % 4 == 0, f"resolution {resolution} must be a multiple of 32 (latents / 4 after two downsamples)"
 g = torch.Generator(device="cpu").manual_seed(seed)
 batch = {"latents": torch.randn(batch_size, ucfg.in_channels, h, w, generator=g),  # cached (model scale)
-         # cat(CLIP-L, bigG) hidden states: 77 positions per 75 tokens of max_token_length (docs/sdxl_format.md §8)
-         "context": torch.randn(batch_size, 77 * max_token_length // 75, ucfg.context_dim, generator=g),
+         # cat(CLIP-L, bigG) hidden states, 77 positions per chunk of max_token_length (docs/sdxl_format.md §8)
+         "context": torch.randn(batch_size, clip_tokenizer.context_positions(max_token_length), ucfg.context_dim,
+                                generator=g),
          "pooled": torch.randn(batch_size, ucfg.adm_in_channels - 6 * model.TIME_ID_DIM, generator=g),
          "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * batch_size).float()}
 batch = {k: v.to(device) for k, v in batch.items()}

@@ -49,13 +49,18 @@ def compile_unet(unet, scope, n_shapes, **kwargs):
     """torch.compile the UNet for training on n_shapes input shapes (one per bucket). Returns what to call: a
     compiled wrapper (scope unet) or the UNet itself with its blocks compiled in place (scope blocks); the state
     dict keys never change. kwargs: torch.compile's (fullgraph, backend, mode)."""
-    units = compiled_units(unet, scope)
-    _make_room(len(units), n_shapes)
     if scope == "unet":
+        _make_room(1, n_shapes)
         return torch.compile(unet, **kwargs)
+    _compile_each(compiled_units(unet, scope), n_shapes, kwargs)
+    return unet
+
+
+def _compile_each(units, n_shapes, kwargs):
+    """Each module compiled in place (the state dict keys never change)."""
+    _make_room(len(units), n_shapes)
     for unit in units:
         unit.compile(**kwargs)
-    return unet
 
 
 class Procs:
@@ -98,9 +103,7 @@ class Procs:
             sharding.shard(unet, compute_dtype)
             if compile_kwargs is not None:
                 units = sharding.blocks(unet) if scope == "unet" else compiled_units(unet, scope)
-                _make_room(len(units), n_shapes)
-                for unit in units:
-                    unit.compile(**compile_kwargs)
+                _compile_each(units, n_shapes, compile_kwargs)
         return unet
 
     def wrap(self, unet, compile_kwargs, scope, n_shapes):

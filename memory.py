@@ -29,6 +29,7 @@ import objective
 import optim
 import schedule
 import sharding
+import tokenizer as clip_tokenizer
 
 # -----------------------------------------------------------------------------
 batch_size = 4  # images per GPU (train.py's per-process micro-batch)
@@ -199,7 +200,8 @@ def report(batch_size, resolution, precision, grad_ckpt, optimizer, gpus, cards,
     side = resolution // 8
     real_attention, model.attention = model.attention, flash_attention
     try:
-        saved, inputs, copies = saved_activations(unet, batch_size, side, side, context_len=77 * max_token_length // 75)
+        positions = clip_tokenizer.context_positions(max_token_length)
+        saved, inputs, copies = saved_activations(unet, batch_size, side, side, context_len=positions)
     finally:
         model.attention = real_attention
     act = activation_bytes(saved, inputs, copies, grad_ckpt)
@@ -226,7 +228,7 @@ def report(batch_size, resolution, precision, grad_ckpt, optimizer, gpus, cards,
 if __name__ == "__main__":
     config = configurator.configure(globals())
     configurator.check(config, choices={"precision": ("amp", "bf16"), "optimizer": ("adamw8bit", "adamw"),
-                                        "max_token_length": (75, 150, 225)},
+                                        "max_token_length": clip_tokenizer.MAX_TOKEN_LENGTHS},
                        at_least={"batch_size": 1, "resolution": 32, "headroom": 0})
     if resolution % 32:
         raise configurator.UserError(f"config error: --resolution={resolution} must be a multiple of 32")

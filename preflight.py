@@ -11,6 +11,7 @@ import os
 import torch
 
 import configurator
+import distributed
 import optim
 import schedule
 import tokenizer as clip_tokenizer
@@ -29,7 +30,7 @@ def check_config(c, world):
         "prediction": ("v", "eps"), "weighting": schedule.WEIGHTINGS, "optimizer": optim.OPTIMIZERS,
         "precision": ("amp", "bf16"), "dtype": ("float32", "bfloat16", "float16"), "crop": ("center", "random"),
         "export_dtype": ("fp16", "bf16", "fp32"), "lr_schedule": ("constant", "cosine"), "parallel": ("ddp", "fsdp"),
-        "cache_dtype": ("fp32", "bf16", "fp16"), "ema_device": ("cpu", "cuda"), "compile_scope": ("unet", "blocks"),
+        "cache_dtype": ("fp32", "bf16", "fp16"), "ema_device": ("cpu", "cuda"), "compile_scope": distributed.SCOPES,
         "max_token_length": clip_tokenizer.MAX_TOKEN_LENGTHS,
         "compile_mode": tuple(torch._inductor.list_mode_options())}, at_least={
         "batch_size": 1, "grad_accum": 1, "max_iters": 1, "log_interval": 1, "ckpt_interval": 0, "eval_interval": 0,

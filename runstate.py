@@ -77,9 +77,10 @@ def adopt(config, given, out_dir):
     return saved
 
 
-def check(ckpt, path, config, world):
-    """A resume that cannot continue this run as configured: one line, before anything heavy. True when the
-    run is complete but its export is missing or older than the checkpoint: only export it."""
+def check(ckpt, path, config, world, global_batch):
+    """A resume that cannot continue this run as configured (world processes, global_batch images per step): one
+    line, before anything heavy. True when the run is complete but its export is missing or older than the
+    checkpoint: only export it."""
     optimizer = config["optimizer"]
     if ckpt["config"]["optimizer"] != optimizer:
         raise UserError(f"cannot resume the {optimizer} optimizer from {path}: it holds "
@@ -88,7 +89,6 @@ def check(ckpt, path, config, world):
         raise UserError(f"{path} holds adamw8bit state for {ckpt['world']} processes, one buffer each: resume with "
                         f"{ckpt['world']} (adamw and adafactor state reshard to any count)")
     data.check_order(ckpt["per_rank"][0]["loader"], config["seed"], config["batch_size"] * world)
-    global_batch = config["batch_size"] * max(1, config["grad_accum"] // world) * world
     if ckpt.get("global_batch", global_batch) != global_batch:
         raise UserError(f"{path} was trained at global batch {ckpt['global_batch']} (batch_size x accumulation x "
                         f"processes); this run's is {global_batch}: resume with the same global batch")

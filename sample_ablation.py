@@ -360,7 +360,6 @@ def check_outputs(png, overwrite):
 
 
 def _is_ablation_json(path):
-    import json
     try:
         with open(path, encoding="utf-8") as f:
             obj = json.load(f)

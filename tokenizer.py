@@ -291,6 +291,11 @@ def token_chunks(max_token_length):
     return max_token_length // (CONTEXT_LENGTH - 2)
 
 
+def context_positions(max_token_length):
+    """The text context's length the UNet sees: 77, 154 or 231 positions."""
+    return token_chunks(max_token_length) * CONTEXT_LENGTH
+
+
 def chunk_words(words, chunks, size=CONTEXT_LENGTH - 2):
     """Word token groups (CLIPTokenizer.encode_words) -> `chunks` lists of at most `size` ids each, the layout
     ComfyUI samples with (comfy/sd1_clip.py): words fill a chunk in order; a word that does not fit in what is left

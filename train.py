@@ -45,7 +45,6 @@ import schedule
 import tokenizer as clip_tokenizer
 
 _t_launch = time.time()  # the `ready in` line counts from here (a leading _: not a config key)
-# -----------------------------------------------------------------------------
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -108,7 +107,7 @@ precision = "amp"  # amp: fp32 master weights + autocast; bf16: pure bf16 weight
 compile = torch.cuda.is_available()  # torch.compile the UNet (the uncompiled module is what gets saved)
 compile_warm = True  # compile every training bucket before step 1 (cost printed); False: at each bucket's first batch
 compile_mode = "default"  # torch.compile mode: default | max-autotune-no-cudagraphs | reduce-overhead | max-autotune
-compile_scope = "unet"  # unet: the whole UNet, one graph per bucket | blocks: each ResBlock/TransformerBlock on its own, instances sharing code (a faster cold start; docs/performance.md §6)
+compile_scope = "unet"  # unet: the whole UNet, one graph per bucket | blocks: each ResBlock/TransformerBlock on its own, instances sharing traced code (docs/performance.md §6)
 grad_ckpt = False  # per-block gradient checkpointing (+31% FLOPs; for small-memory cards)
 seed = 1337  # seeds the data order, caption dropout, t and noise (the same on every process)
 peak_tflops = 0.0  # device peak for MFU; 0 = look up the device table
@@ -219,7 +218,7 @@ signals = distributed.Signals()  # SIGINT/SIGTERM/SIGHUP: stop now, or after the
 
 resuming = init_from == "resume"
 state_path = runstate.ckpt_path(out_dir, procs.sharded)
-export_only = resuming and runstate.check(saved, state_path, config, procs.world)  # (before the cache is built)
+export_only = resuming and runstate.check(saved, state_path, config, procs.world, imgs_per_iter)  # (before the cache is built)
 base, iter_num, skipped = (saved["base"], saved["iter_num"], saved["skipped"]) if resuming else (init_from, 0, 0)
 
 t_load = time.time()
@@ -400,7 +399,8 @@ if procs.master:
 # -----------------------------------------------------------------------------
 # the training loop
 
-log = runlog.RunLog(procs, sdxl.cfg.unet, T, peak, max_iters, log_interval, out_dir, context_len=77 * max_token_length // 75,
+log = runlog.RunLog(procs, sdxl.cfg.unet, T, peak, max_iters, log_interval, out_dir,
+                    context_len=clip_tokenizer.context_positions(max_token_length),
                     wandb_run=wandb_log and (wandb_project, wandb_run_name, config), tensorboard=tensorboard_log)
 consecutive, steps_ok = 0, 0  # non-finite steps in a row; optimizer steps this process made
 first_iter = iter_num
