@@ -65,7 +65,7 @@ def check_device(device):
 
 
 def on_stop_signals(handler=None):
-    """Send SIGINT (Ctrl-C), SIGTERM (kill, a scheduler's time limit) and SIGHUP (the terminal or ssh session that
+    """Send SIGINT (Ctrl-C), SIGTERM (kill, a scheduler's time limit) and SIGHUP (the terminal or remote login that
     started the process closed) to handler(signum, frame), so each ends a run the same way. A SIGHUP that the
     parent set to be ignored (nohup) stays ignored. The default handler stops at once: one line on stderr, then
     SystemExit(128 + signum) in the main thread, so finally blocks and context managers remove their temp files

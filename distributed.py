@@ -151,7 +151,7 @@ class Procs:
 
 
 class Signals:
-    """SIGINT, SIGTERM and SIGHUP (a closed terminal or ssh session): before the first step there is nothing to
+    """SIGINT, SIGTERM and SIGHUP (a closed terminal or remote login): before the first step there is nothing to
     save, so the process stops at once (mid-compile too); from the first step on (training = True) the step is
     finished, the resume state written, and the run exits. Either way the exit status is 128 + the signal."""
 

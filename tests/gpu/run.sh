@@ -11,7 +11,7 @@
 #        GIT_SHA=<git rev-parse HEAD, run here> bash tests/gpu/run.sh
 #   3. At once, while that machine is still warm (its compiler cache, wheels and train run stay in /tmp), the
 #      stages the first call skipped, in the same order; this call's results then hold the first call's records too:
-#        STAGES="<the skipped stages>" BUDGET=<device seconds left - 30> GIT_SHA=... bash tests/gpu/run.sh
+#        STAGES="<the skipped stages>" BUDGET=<seconds this call may take - 30> GIT_SHA=... bash tests/gpu/run.sh
 #   4. Copy the last call's returned results.json and results.md into assets/gpu/.
 #
 # Stages, in this priority (STAGES sets the order, not only the filter; the plan line shows each one's cap):
