@@ -213,10 +213,10 @@ def write_card(out_dir, recipe, files_written=("model.safetensors", "diffusers/"
 
 def card_from_export(folder, model="model.safetensors", ablation_path=""):
     """Rewrite folder/README.md from the exported file's metadata (and an ablation JSON, when given)."""
-    from checkpoint import CheckpointError, _open
+    from checkpoint import CheckpointError, open_file
     path = os.path.join(folder, model)
     try:
-        with _open(path) as f:
+        with open_file(path) as f:
             meta = f.metadata() or {}
     except CheckpointError as e:
         raise UserError(f"cannot read {path}: {e}") from None

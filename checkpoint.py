@@ -1,10 +1,6 @@
 """
 The SDXL single-file checkpoint (sgm layout, `sd_xl_base_1.0.safetensors`): load it with every size inferred
 from tensor shapes, save it back with the v_pred / ztsnr markers and modelspec metadata (docs/sdxl_format.md).
-
-    sdxl = load_checkpoint("sd_xl_base_1.0.safetensors", device="cuda", dtype=torch.float32)
-    save_checkpoint(sdxl, "out/model.safetensors", v_pred=True, ztsnr=True, metadata={...}, dtype=torch.float16)
-
 model.SDXL's state_dict() keys are the file's keys, so loading is a shape check and a copy, not a converter.
 Bad files raise CheckpointError with one line that says what the file is and which keys are wrong.
 """
@@ -30,6 +26,10 @@ class MissingCheckpoint(CheckpointError, FileNotFoundError):
 
 
 IGNORED_KEYS = {"v_pred", "ztsnr", PREFIX["te1"] + "embeddings.position_ids"}  # markers, constant int64 ids
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+ST_DTYPES = {name: dtype for dtype, name in _ST_DTYPES.items()}  # the header's dtype names -> torch's
+FLOAT_NAMES = ("F32", "F16", "BF16", "F64")
 
 
 def _count(shapes, prefix):
@@ -68,19 +68,17 @@ def config_from_shapes(shapes: dict) -> SDXLConfig:
     nrb = downs[0] - 1 if downs else n_in - 1
     firsts = [1 + level * (nrb + 1) for level in range(len(downs) + 1)]  # first input block of each level
     unet = UNetConfig(
-        in_channels=cin, out_channels=s("unet", "out.2.weight")[0], model_channels=mc,
+        in_channels=cin, out_channels=s("unet", "out.2.weight")[0], model_channels=mc, num_res_blocks=nrb,
         channel_mult=tuple(s("unet", f"input_blocks.{i}.0.out_layers.3.weight")[0] // mc for i in firsts),
-        num_res_blocks=nrb,
         transformer_depth=tuple(_count(shapes, f"{u}input_blocks.{i}.1.transformer_blocks.") for i in firsts),
         transformer_depth_middle=_count(shapes, u + "middle_block.1.transformer_blocks."),
         context_dim=s("unet", "middle_block.1.transformer_blocks.0.attn2.to_k.weight")[1],
         adm_in_channels=s("unet", "label_emb.0.0.weight")[1])
     v = PREFIX["vae"]
     vae_ch, vae_in = s("vae", "encoder.conv_in.weight")[:2]
-    n_down = _count(shapes, v + "encoder.down.")
     vae = VAEConfig(in_channels=vae_in, ch=vae_ch, z_channels=s("vae", "decoder.conv_in.weight")[1],
                     ch_mult=tuple(s("vae", f"encoder.down.{i}.block.0.conv1.weight")[0] // vae_ch
-                                  for i in range(n_down)),
+                                  for i in range(_count(shapes, v + "encoder.down."))),
                     num_res_blocks=_count(shapes, v + "encoder.down.0.block."))
     vocab1, w1 = s("te1", "embeddings.token_embedding.weight")
     te1 = TextConfig(vocab_size=vocab1, width=w1, n_ctx=s("te1", "embeddings.position_embedding.weight")[0],
@@ -118,7 +116,7 @@ def fetch(spec):
                         "check the name and the network, or download the file and pass its path") from None
 
 
-def _open(path):
+def open_file(path):
     """safe_open(path) with the file's failure modes as one CheckpointError each."""
     from safetensors import safe_open
     if not os.path.isfile(path):
@@ -148,7 +146,7 @@ def _config(path, shapes):
 def read_config(path) -> SDXLConfig:
     """The model sizes of a checkpoint from its header alone (nothing is loaded): for checks before loading.
     Weights stored as integers (a quantised file) are refused here, before hours of caching."""
-    with _open(path) as f:
+    with open_file(path) as f:
         ints = [k for k in f.keys() if k not in IGNORED_KEYS and f.get_slice(k).get_dtype() not in FLOAT_NAMES]
         if ints:
             raise CheckpointError(f"{path}: {len(ints)} weights are not floating point, e.g. {_few(ints, 2)} "
@@ -156,7 +154,7 @@ def read_config(path) -> SDXLConfig:
         return _config(path, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
 
 
-def _layout(path, shapes) -> SDXL:
+def meta_model(path, shapes) -> SDXL:
     """The SDXL (on the meta device) that the file's shapes describe, once its keys are checked against it."""
     cfg = _config(path, shapes)
     with torch.device("meta"):
@@ -173,32 +171,13 @@ def _layout(path, shapes) -> SDXL:
     return sdxl
 
 
-_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-              torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
-ST_DTYPES = {name: dtype for dtype, name in _ST_DTYPES.items()}  # the header's dtype names -> torch's
-FLOAT_NAMES = ("F32", "F16", "BF16", "F64")
-
-
-def read_layout(path):
-    """The header of an SDXL single file, checked like load_checkpoint checks it, with nothing loaded: (config,
-    {key: shape} of the model's keys, {key: torch dtype} as stored, metadata, {'v_pred': bool, 'ztsnr': bool}).
-    For tools that stream a file tensor by tensor instead of loading it (transfer.py)."""
-    with _open(path) as f:
-        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        dtypes = {k: ST_DTYPES[f.get_slice(k).get_dtype()] for k in f.keys()}
-        metadata = f.metadata() or {}
-    sdxl = _layout(path, shapes)
-    keys = {k: shapes[k] for k in sdxl.state_dict()}
-    return sdxl.cfg, keys, {k: dtypes[k] for k in keys}, metadata, {m: m in shapes for m in ("v_pred", "ztsnr")}
-
-
 def load_checkpoint(path, device="cpu", dtype=torch.float32) -> SDXL:
     """Load an SDXL base single-file sgm checkpoint (.safetensors). Sizes come from the tensor shapes; the model is
     built on the meta device and each tensor is read (memory-mapped) and cast on its own, so RAM never holds a
     second copy. Raises CheckpointError (a ValueError) naming what is missing / unexpected / mis-shaped."""
-    with _open(path) as f:
+    with open_file(path) as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        sdxl = _layout(path, shapes)
+        sdxl = meta_model(path, shapes)
         state = {}
         for k in sdxl.state_dict():
             t = f.get_tensor(k)
@@ -223,12 +202,11 @@ class Lazy:
 
 
 def write_safetensors(tensors, path, metadata, dtype=None, write=True):
-    """The safetensors format written by hand: 8-byte header length, JSON header, raw little-endian data.
-    Keys and metadata in sorted order, so the same weights always give the same bytes (safetensors' own
-    writer orders metadata by a randomly seeded hash map), and one tensor at a time is cast and copied,
-    so SDXL is never held twice in RAM. Atomic (files.atomic_path).
-    dtype: cast floating-point tensors to it on the way out (None = keep). Sharded tensors (FSDP's DTensors) are
-    gathered one at a time, which every rank must join: the ranks that do not write pass write=False."""
+    """The safetensors format by hand (8-byte header length, JSON header, raw little-endian data), atomically.
+    Keys and metadata sorted, so the same weights give the same bytes (safetensors' writer orders metadata by a
+    randomly seeded hash map); one tensor at a time is cast and copied, so SDXL is never held twice in RAM.
+    dtype: for floating-point tensors (None = keep). FSDP's DTensors are gathered one at a time, which every rank
+    must join: the ranks that do not write pass write=False."""
     names = sorted(tensors)
     out_dtype = {k: dtype if dtype is not None and tensors[k].is_floating_point() else tensors[k].dtype for k in names}
     header, offset = {"__metadata__": dict(sorted(metadata.items()))}, 0
@@ -257,24 +235,20 @@ def write_safetensors(tensors, path, metadata, dtype=None, write=True):
 
 
 def save_checkpoint(sdxl, path, v_pred=True, ztsnr=True, metadata=None, dtype=None, write=True):
-    """Write the sgm layout (the file's 2515 keys for SDXL base) + `v_pred` / `ztsnr` empty markers (ComfyUI,
-    Forge, A1111 read them) + modelspec metadata, atomically (temp file in the same folder, then os.replace).
-    dtype: export dtype for float tensors (torch.float16 / bfloat16 / float32), None = keep. metadata: extra
-    entries, non-str values JSON-encoded. Works on the raw module: a torch.compile wrapper is unwrapped."""
+    """Write the sgm layout (2515 keys for SDXL base) + the empty `v_pred` / `ztsnr` markers (ComfyUI, Forge,
+    A1111 read them) + modelspec metadata, atomically. dtype: for float tensors, None = keep. metadata: extra
+    entries, non-str values JSON-encoded. A torch.compile wrapper (or compiled submodule) is unwrapped."""
     sdxl = getattr(sdxl, "_orig_mod", sdxl)
-    # a compiled submodule adds _orig_mod. to its keys
     tensors = {k.replace("_orig_mod.", ""): t for k, t in sdxl.state_dict().items()}
     save_state(tensors, sdxl.cfg, path, v_pred, ztsnr, metadata, dtype, write)
 
 
 def save_state(tensors, cfg, path, v_pred=True, ztsnr=True, metadata=None, dtype=None, write=True):
-    """save_checkpoint for a {sgm key: tensor} dict of the model `cfg` describes instead of a module; values may be
-    Lazy, so a file computed tensor by tensor is never held whole in RAM."""
+    """save_checkpoint for a {sgm key: tensor or Lazy} dict of the model `cfg` describes instead of a module."""
     tensors = dict(tensors)
     tensors[PREFIX["te1"] + "embeddings.position_ids"] = torch.arange(cfg.te1.n_ctx, dtype=torch.int64)[None]
-    for marker, on in (("v_pred", v_pred), ("ztsnr", ztsnr)):
-        if on:
-            tensors[marker] = torch.zeros(0)  # cast like the rest; empty either way
+    markers = (("v_pred", v_pred), ("ztsnr", ztsnr))
+    tensors.update({marker: torch.zeros(0) for marker, on in markers if on})  # cast like the rest; empty either way
     meta = {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "stable-diffusion-xl-v1-base",
             "modelspec.implementation": "sgm", "modelspec.prediction_type": "v" if v_pred else "epsilon",
             "modelspec.title": os.path.splitext(os.path.basename(path))[0],

@@ -139,9 +139,21 @@ def _input(path, key):
     return path
 
 
+def read_layout(path):
+    """The header of an SDXL single file, checked like load_checkpoint checks it, with nothing loaded: (config,
+    {key: shape} of the model's keys, {key: torch dtype} as stored, metadata, {'v_pred': bool, 'ztsnr': bool})."""
+    with checkpoint.open_file(path) as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        dtypes = {k: checkpoint.ST_DTYPES[f.get_slice(k).get_dtype()] for k in f.keys()}
+        metadata = f.metadata() or {}
+    sdxl = checkpoint.meta_model(path, shapes)
+    keys = {k: shapes[k] for k in sdxl.state_dict()}
+    return sdxl.cfg, keys, {k: dtypes[k] for k in keys}, metadata, {m: m in shapes for m in ("v_pred", "ztsnr")}
+
+
 def _layout(path, key):
     try:
-        return checkpoint.read_layout(path)
+        return read_layout(path)
     except checkpoint.CheckpointError as e:
         raise UserError(f"--{key}: {e}") from None
 
