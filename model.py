@@ -8,15 +8,15 @@ names in the single-file sgm checkpoint (`sd_xl_base_1.0.safetensors`).
     out = sdxl.unet(z, t, context, y)                         # (B, 4, h, w)
     checkpoint.save_checkpoint(sdxl, "out/model.safetensors", v_pred=True, ztsnr=True)
 
-Because `SDXL().state_dict()` keys are the file's keys, loading and saving are a shape check and a copy, not a
-converter (the idea of kohya-ss sd-scripts' sdxl_original_unet.py). Every size is a dataclass field that
-load_checkpoint infers from tensor shapes, so the tiny test/demo model runs the very same code.
+`SDXL().state_dict()` keys are the file's keys (the idea of kohya-ss sd-scripts' sdxl_original_unet.py), and
+every size is a config field that load_checkpoint infers from tensor shapes, so the tiny model runs the same code.
 
 References: Podell et al. 2023, SDXL (arXiv 2307.01952); Stability-AI/generative-models (sgm):
 openaimodel.py (UNet), model.py (VAE), encoders/modules.py; mlfoundations/open_clip transformer.py (bigG);
 HF transformers CLIPTextModel (CLIP-L). The layout and its traps: docs/sdxl_format.md.
 """
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -130,8 +130,7 @@ def _ns(**children):
 # UNet (sgm openaimodel.py as configured for SDXL)
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in fp32 and cast back, as sgm's GroupNorm32 does in the ResBlocks and `out.0`, so bf16
-    runs keep the reference's numerics there. Casts around one functional call: no branch, no graph break."""
+    """GroupNorm in fp32, cast back: sgm's GroupNorm32 (ResBlocks and `out.0`), so bf16 keeps its numerics."""
     def forward(self, x):
         return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
 
@@ -248,6 +247,10 @@ class UNet(nn.Module):
         res = lambda cin, cout: ResBlock(cin, cout, emb_dim, G)
         attn = lambda ch, depth: SpatialTransformer(ch, depth, cfg.context_dim, ch // cfg.head_dim, G)
 
+        def level_layers(cin, level):  # a ResBlock to the level's width [+ the level's transformer]
+            cout, depth = mc * cfg.channel_mult[level], cfg.transformer_depth[level]
+            return [res(cin, cout)] + ([attn(cout, depth)] if depth else [])
+
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(),
                                                      nn.Linear(emb_dim, emb_dim)))
@@ -256,11 +259,8 @@ class UNet(nn.Module):
         skip_ch, ch = [mc], mc  # channels of every skip, pushed after each input block
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
-                layers = [res(ch, mc * mult)]
+                self.input_blocks.append(Block(level_layers(ch, level)))
                 ch = mc * mult
-                if cfg.transformer_depth[level]:
-                    layers.append(attn(ch, cfg.transformer_depth[level]))
-                self.input_blocks.append(Block(layers))
                 skip_ch.append(ch)
             if level < len(cfg.channel_mult) - 1:
                 self.input_blocks.append(Block([Downsample(ch)]))
@@ -271,10 +271,8 @@ class UNet(nn.Module):
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for i in range(cfg.num_res_blocks + 1):
-                layers = [res(ch + skip_ch.pop(), mc * mult)]
+                layers = level_layers(ch + skip_ch.pop(), level)
                 ch = mc * mult
-                if cfg.transformer_depth[level]:
-                    layers.append(attn(ch, cfg.transformer_depth[level]))
                 if level > 0 and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(Block(layers))
@@ -341,8 +339,8 @@ class VAEDownsample(nn.Module):
 
 
 def _mid(ch, groups):
-    return _ns(block_1=VAEResBlock(ch, ch, groups), attn_1=VAEAttention(ch, groups),
-               block_2=VAEResBlock(ch, ch, groups))
+    return nn.Sequential(OrderedDict(block_1=VAEResBlock(ch, ch, groups), attn_1=VAEAttention(ch, groups),
+                                     block_2=VAEResBlock(ch, ch, groups)))
 
 
 class Encoder(nn.Module):
@@ -355,7 +353,7 @@ class Encoder(nn.Module):
         for i, c in enumerate(chs):
             blocks = [VAEResBlock(cin if j == 0 else c, c, G) for j in range(cfg.num_res_blocks)]
             last = i == len(chs) - 1
-            self.down.append(_ns(block=nn.ModuleList(blocks), downsample=nn.Identity() if last else VAEDownsample(c)))
+            self.down.append(_ns(block=nn.Sequential(*blocks), downsample=nn.Identity() if last else VAEDownsample(c)))
             cin = c
         self.mid = _mid(chs[-1], G)
         self.norm_out = nn.GroupNorm(G, chs[-1], eps=1e-6)
@@ -364,11 +362,8 @@ class Encoder(nn.Module):
     def forward(self, x):
         h = self.conv_in(x)
         for level in self.down:
-            for block in level.block:
-                h = block(h)
-            h = level.downsample(h)
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
-        return self.conv_out(F.silu(self.norm_out(h)))
+            h = level.downsample(level.block(h))
+        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
 
 
 class Decoder(nn.Module):
@@ -381,18 +376,16 @@ class Decoder(nn.Module):
         ups, cin = [], chs[-1]
         for i in reversed(range(len(chs))):
             blocks = [VAEResBlock(cin if j == 0 else chs[i], chs[i], G) for j in range(cfg.num_res_blocks + 1)]
-            ups.insert(0, _ns(block=nn.ModuleList(blocks), upsample=Upsample(chs[i]) if i > 0 else nn.Identity()))
+            ups.insert(0, _ns(block=nn.Sequential(*blocks), upsample=Upsample(chs[i]) if i > 0 else nn.Identity()))
             cin = chs[i]
         self.up = nn.ModuleList(ups)
         self.norm_out = nn.GroupNorm(G, chs[0], eps=1e-6)
         self.conv_out = nn.Conv2d(chs[0], cfg.in_channels, 3, padding=1)
 
     def forward(self, z):
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
+        h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
-            for block in level.block:
-                h = block(h)
-            h = level.upsample(h)
+            h = level.upsample(level.block(h))
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
@@ -527,9 +520,8 @@ class SDXL(nn.Module):
 
 @torch.no_grad()
 def init_random_(model: nn.Module, seed=0):
-    """Fill EVERY parameter and buffer with random values at sane scales: matrices ~ N(0, 1/fan_in), norm gains
-    ~ 1 + N(0, 0.1), biases ~ N(0, 0.1). For tests and random-weight benchmarks, where the sgm init (zeroed output
-    convs, unit norms, zero biases) would hide bugs: a zeroed out.2 makes every UNet output zero."""
+    """Fill EVERY parameter and buffer at sane scales: matrices ~ N(0, 1/fan_in), norm gains ~ 1 + N(0, 0.1), biases
+    ~ N(0, 0.1). For tests and random-weight benchmarks, where sgm's zeroed output convs would hide bugs."""
     gens = {}  # one generator per device: sampling on the GPU, not on the CPU and copying 3.5B numbers over
     for name, p in model.state_dict(keep_vars=True).items():
         if p.device not in gens:
