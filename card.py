@@ -1,13 +1,8 @@
 """
-The model card: README.md written beside every export (train.py's and transfer.py's apply), so that whoever
-downloads the model finds next to it how to sample it. A v-prediction SDXL file that a tool reads as epsilon
-gives noise or grey images, and no tool can read the training schedule (beta_end 0.024) from the file
-(docs/sdxl_format.md §6), so the card says, for each client, which settings to make by hand.
-
-The YAML block at the top is the Hugging Face model-card metadata (base_model, tags, license, pipeline_tag,
-library_name), written as JSON scalars, which YAML reads as they are; huggingface_hub.ModelCard parses it
-(tests/test_card.py). The text is rendered from the same recipe dict that the exported file's `training_config`
-metadata holds, so the card can be rewritten from the file alone, e.g. once the ablation has been run:
+The model card README.md beside every export: a v-prediction file read as epsilon gives noise or grey images, and
+no tool reads the training schedule from the file (docs/sdxl_format.md §6), so it says, for each client, what to set
+by hand. Its YAML head is Hugging Face's metadata as JSON scalars. It is rendered from the recipe that the file's
+`training_config` metadata holds, so it can be rewritten from the file alone, e.g. once the ablation has been run:
 
     python sample_ablation.py --ckpt=out/vpred/model.safetensors --out=out/vpred/ablation.png
     python card.py --out_dir=out/vpred --ablation=out/vpred/ablation.json
@@ -32,15 +27,6 @@ _TAGS = ("stable-diffusion-xl", "text-to-image", "v-prediction", "zero-terminal-
 _SAMPLER_PHI = 0.7  # CFG rescale (Lin et al. 2023 §3.4), as the previews and sample_ablation.py use
 
 
-def base_model(spec):
-    """(name for the card's base_model, Hub repo or None): hf:OWNER/NAME/FILE -> OWNER/NAME; a path -> its file name."""
-    spec = str(spec or "")
-    if spec.startswith("hf:") and spec.count("/") >= 2:
-        repo = "/".join(spec[3:].split("/")[:2])
-        return repo, repo
-    return (os.path.basename(spec) or None), None
-
-
 def _num(x):
     return f"{x:g}" if isinstance(x, (int, float)) and not isinstance(x, bool) else str(x)
 
@@ -52,11 +38,6 @@ def _weighting(recipe):
             "min_snr": "Min-SNR", "none": "none (plain v-MSE)"}.get(w, str(w))
 
 
-def _mean(values):
-    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    return sum(vals) / len(vals) if vals else None
-
-
 def ablation_summary(result):
     """From sample_ablation.py's JSON: the mean x0 error over t-bins of each panel, keyed by (beta_end, zsnr,
     prediction), and the held-out set it was measured on. None when the JSON holds no error table."""
@@ -65,11 +46,12 @@ def ablation_summary(result):
         return None
     panels = {}
     for p in result.get("panels", []):
-        err = _mean(quant["recon"].get(p["label"], []))
-        if err is not None:
-            panels[(float(p["beta_end"]), bool(p["zsnr"]), p["prediction"])] = (p["label"], err)
+        errs = [e for e in quant["recon"].get(p["label"], [])
+                if e is not None and not (isinstance(e, float) and math.isnan(e))]
+        if errs:
+            panels[(float(p["beta_end"]), bool(p["zsnr"]), p["prediction"])] = (p["label"], sum(errs) / len(errs))
     return {"panels": panels, "n": quant.get("n"), "dataset": quant.get("dataset"),
-            "ckpt": os.path.basename(str(result.get("ckpt_path", ""))), "steps": len(result.get("timesteps", []))}
+            "ckpt": os.path.basename(str(result.get("ckpt_path", "")))}
 
 
 def _cost_text(recipe, ablation, model_file):
@@ -140,15 +122,17 @@ def _usage(model_file, bs, be, zsnr, recipe, ablation, patterns):
 
 
 def render(recipe, files_written=("model.safetensors", "diffusers/"), ablation=None, conversion=None, title=None):
-    """The card's text. recipe: the training_config dict (prediction, beta_start, beta_end, zsnr, weighting, k,
-    optimizer, lr, betas, max_iters, global_batch, base[, max_token_length]). conversion: for a model made by
-    transfer.py --mode=apply, {'base', 'delta', 'kind', 'strength'}; its base_model is then that base.
-    ablation: ablation_summary() of a sample_ablation.py JSON, or None."""
+    """The card's text. recipe: the training_config dict; conversion: transfer.py --mode=apply's {'base', 'delta',
+    'kind', 'strength'} (base_model is then that base); ablation: ablation_summary() or None."""
     files_written = list(files_written)
     model_file = files_written[0]
     patterns = [f'"{f}*"' if f.endswith("/") else f'"{f}"' for f in files_written + ["README.md"]]
-    base_spec = conversion["base"] if conversion else recipe.get("base")
-    name, repo = base_model(base_spec)
+    # base_model: hf:OWNER/NAME/FILE -> the Hub repo OWNER/NAME; a path -> its file name (and no repo)
+    base_spec = str((conversion["base"] if conversion else recipe.get("base")) or "")
+    if base_spec.startswith("hf:") and base_spec.count("/") >= 2:
+        name = repo = "/".join(base_spec[3:].split("/")[:2])
+    else:
+        name, repo = os.path.basename(base_spec) or None, None
     license_ = _LICENSES.get(repo)
     meta = [("base_model", name), ("base_model_relation", "merge" if conversion else "finetune"),
             ("license", license_), ("library_name", "diffusers"), ("pipeline_tag", "text-to-image")]
@@ -197,8 +181,7 @@ def read_ablation(path):
         raise UserFileNotFound(f"--ablation={path}: no such file (sample_ablation.py writes FILE.json beside FILE.png)")
     try:
         with open(path, encoding="utf-8") as f:
-            result = json.load(f)
-        return ablation_summary(result)
+            return ablation_summary(json.load(f))
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise UserError(f"--ablation={path}: not a sample_ablation.py result ({type(e).__name__}: {e})") from None
 
@@ -212,7 +195,7 @@ def write_card(out_dir, recipe, files_written=("model.safetensors", "diffusers/"
 
 
 def card_from_export(folder, model="model.safetensors", ablation_path=""):
-    """Rewrite folder/README.md from the exported file's metadata (and an ablation JSON, when given)."""
+    """Rewrite folder/README.md from the exported file's metadata (and a sample_ablation.py JSON, when given)."""
     from checkpoint import CheckpointError, open_file
     path = os.path.join(folder, model)
     try:
@@ -229,7 +212,6 @@ def card_from_export(folder, model="model.safetensors", ablation_path=""):
     written = [n + "/" if n == "diffusers" else n for n in written]
     ablation = read_ablation(ablation_path) if ablation_path else None
     return write_card(folder, recipe, written, ablation, conversion, meta.get("modelspec.title"))
-
 
 
 def main():
