@@ -1,14 +1,10 @@
 """
-The export: what train.py (at the end of a run) and transfer.py (--mode=apply) write, by one function,
-write_export: the single file (checkpoint.py: sgm layout, v_pred / ztsnr markers, metadata), the diffusers config
-folder beside it, so that
+The export that train.py and transfer.py --mode=apply write (write_export): the single file (checkpoint.py), the
+model card (card.py) and a diffusers config folder, so that diffusers loads it offline with the right scheduler
+(no UI reads beta_end 0.024 or zero terminal SNR from the file, docs/sdxl_format.md §6); diffusers is not imported:
 
     StableDiffusionXLPipeline.from_single_file("out/vpred/model.safetensors", config="out/vpred/diffusers",
                                                local_files_only=True)
-
-loads it offline with the right scheduler (no UI can read beta_end 0.024 or zero terminal SNR from the file
-itself, docs/sdxl_format.md §6), and the model card README.md (card.py). Only JSON and text are written beside
-the weights; diffusers is never imported.
 """
 import json
 import os
@@ -95,14 +91,14 @@ def write_diffusers_config(cfg: SDXLConfig, folder, beta_end=0.012, zsnr=False, 
         files.write_json(os.path.join(folder, name), content, indent=2)
 
 
-def export_metadata(recipe, title=None, conversion=None, T=1000):
+def export_metadata(recipe, title=None, conversion=None):
     """The metadata an export carries beside modelspec's: the sampling schedule and the recipe (training_config),
     from which card.py can rewrite the card from the file alone; `conversion` for transfer.py's apply."""
     meta = {"modelspec.title": title or f"SDXL {recipe['prediction']}-pred uptrain",
             "modelspec.date": time.strftime("%Y-%m-%d"),
             "noise_schedule": json.dumps({"beta_start": recipe["beta_start"], "beta_end": recipe["beta_end"],
                                           "beta_schedule": "scaled_linear", "zsnr": recipe["zsnr"],
-                                          "timestep_spacing": "trailing", "num_train_timesteps": T}),
+                                          "timestep_spacing": "trailing", "num_train_timesteps": 1000}),
             "training_config": json.dumps(recipe)}
     if conversion is not None:
         meta["conversion"] = json.dumps(conversion)
@@ -111,15 +107,10 @@ def export_metadata(recipe, title=None, conversion=None, T=1000):
 
 def write_export(out_dir, weights, recipe, cfg=None, dtype=None, tokenizer_dirs=None, ema=None, conversion=None,
                  ablation=None, title=None, model_file="model.safetensors", write=True):
-    """The whole export in out_dir: model_file, model_ema.safetensors (when `ema` is given), diffusers/, README.md.
-    weights: an SDXL module, or {sgm key: tensor or checkpoint.Lazy} of the model `cfg` describes (a file computed
-        tensor by tensor, never held whole).
-    recipe: the training_config dict (train.py's keys); prediction, beta_start, beta_end, zsnr and base are used.
-    dtype: torch dtype of the float tensors in the file (None = keep). tokenizer_dirs: (dir1, dir2) with vocab.json +
-        merges.txt for diffusers/tokenizer(_2), or None. ema: a context manager that puts the EMA weights into
-        `weights` while it is open (train.py's ema.swapped()). conversion, ablation: for the card (card.render).
-    write: False on the ranks of a sharded run that only join the gathers (one tensor at a time); they write nothing.
-    Returns the names written in out_dir."""
+    """model_file, model_ema.safetensors (when `ema` is given), diffusers/ and README.md in out_dir; returns their
+    names. weights: an SDXL module, or {sgm key: tensor or checkpoint.Lazy} of the model `cfg` describes. recipe: the
+    training_config dict. ema: a context manager that swaps the EMA weights into `weights` (optim.EMA.swapped()).
+    write=False: a sharded run's other ranks, which only join the gathers."""
     v_pred, zsnr = recipe["prediction"] == "v", recipe["zsnr"]
     meta = export_metadata(recipe, title, conversion)
     written = []
@@ -151,8 +142,7 @@ RECIPE_KEYS = ("prediction", "beta_start", "beta_end", "zsnr", "weighting", "k",
 
 
 def export_run(sdxl, out_dir, config, base, global_batch, ema=None, write=True):
-    """train.py's export: write_export with the run's recipe (config: train.py's; base: what the run started
-    from; ema: an optim.EMA or None). write=False: take part without writing (fsdp's other ranks)."""
+    """train.py's export: write_export with the run's recipe (config: train.py's globals; ema: an optim.EMA or None)."""
     import torch
     import tokenizer as clip_tokenizer
     recipe = {key: config[key] for key in RECIPE_KEYS if key in config}
