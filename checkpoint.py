@@ -5,9 +5,11 @@ model.SDXL's state_dict() keys are the file's keys, so loading is a shape check 
 Bad files raise CheckpointError with one line that says what the file is and which keys are wrong.
 """
 import json
+import math
 import os
 import struct
 import time
+from collections import namedtuple
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -188,17 +190,9 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32) -> SDXL:
     return sdxl
 
 
-class Lazy:
-    """A tensor made only when it is written: its shape and dtype for the header, and fn() -> the tensor. So a
-    tool can write a whole SDXL file computed tensor by tensor (transfer.py) through the one writer below."""
-    def __init__(self, shape, dtype, fn):
-        self.shape, self.dtype, self.fn = torch.Size(shape), dtype, fn
-
-    def numel(self):
-        return self.shape.numel()
-
-    def is_floating_point(self):
-        return self.dtype.is_floating_point
+# A tensor made only when it is written: its shape and dtype for the header, and fn() -> the tensor. So a tool can
+# write a whole SDXL file computed tensor by tensor (transfer.py) through the one writer below.
+Lazy = namedtuple("Lazy", "shape dtype fn")
 
 
 def write_safetensors(tensors, path, metadata, dtype=None, write=True):
@@ -208,10 +202,11 @@ def write_safetensors(tensors, path, metadata, dtype=None, write=True):
     dtype: for floating-point tensors (None = keep). FSDP's DTensors are gathered one at a time, which every rank
     must join: the ranks that do not write pass write=False."""
     names = sorted(tensors)
-    out_dtype = {k: dtype if dtype is not None and tensors[k].is_floating_point() else tensors[k].dtype for k in names}
+    out_dtype = {k: dtype if dtype is not None and tensors[k].dtype.is_floating_point else tensors[k].dtype
+                 for k in names}
     header, offset = {"__metadata__": dict(sorted(metadata.items()))}, 0
     for k in names:
-        n = tensors[k].numel() * torch.empty((), dtype=out_dtype[k]).element_size()
+        n = math.prod(tensors[k].shape) * torch.empty((), dtype=out_dtype[k]).element_size()
         header[k] = {"dtype": _ST_DTYPES[out_dtype[k]], "shape": list(tensors[k].shape),
                      "data_offsets": [offset, offset + n]}
         offset += n

@@ -352,8 +352,8 @@ class Encoder(nn.Module):
         cin = cfg.ch
         for i, c in enumerate(chs):
             blocks = [VAEResBlock(cin if j == 0 else c, c, G) for j in range(cfg.num_res_blocks)]
-            last = i == len(chs) - 1
-            self.down.append(_ns(block=nn.Sequential(*blocks), downsample=nn.Identity() if last else VAEDownsample(c)))
+            downsample = VAEDownsample(c) if i < len(chs) - 1 else nn.Identity()
+            self.down.append(_ns(block=nn.Sequential(*blocks), downsample=downsample))
             cin = c
         self.mid = _mid(chs[-1], G)
         self.norm_out = nn.GroupNorm(G, chs[-1], eps=1e-6)
