@@ -40,10 +40,9 @@ def diffusers_unet_config(u: UNetConfig) -> dict:
 
 def write_diffusers_config(cfg: SDXLConfig, folder, beta_end=0.012, zsnr=False, prediction="v", tokenizer_dirs=None,
                            beta_start=0.00085):
-    """Write model_index.json + scheduler/unet/vae/text_encoder(_2)/tokenizer(_2) configs for `cfg`.
-    The scheduler is DDIM (eta=0), trailing spacing, final step to x0: the sampler in schedule.py.
-    tokenizer_dirs: (dir1, dir2) each holding vocab.json + merges.txt (SDXL's tokenizer/ and tokenizer_2/), or None
-    to leave the tokenizers out of the pipeline (pass tokenizer=... to from_single_file then)."""
+    """model_index.json + scheduler/unet/vae/text_encoder(_2)/tokenizer(_2) configs for `cfg`; the scheduler is DDIM,
+    trailing spacing, final step to x0 (schedule.py's sampler). tokenizer_dirs: (dir1, dir2) with vocab.json +
+    merges.txt each, or None to leave the tokenizers out (pass tokenizer=... to from_single_file then)."""
     u, v, t1, t2 = cfg.unet, cfg.vae, cfg.te1, cfg.te2
     unet = {"_class_name": "UNet2DConditionModel", **diffusers_unet_config(u)}
     vae = {"_class_name": "AutoencoderKL", "in_channels": v.in_channels, "out_channels": v.in_channels,

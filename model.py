@@ -465,9 +465,8 @@ class OpenCLIPLayer(nn.Module):
 
 
 class OpenCLIPTextEncoder(nn.Module):
-    """te2, OpenCLIP ViT-bigG/14. Returns (penultimate hidden state = input of the last block, no ln_final;
-    pooled = ln_final(last block output)[argmax(tokens)] @ text_projection). argmax finds EOS because EOS is the
-    largest id and te2 pads with 0."""
+    """te2, OpenCLIP ViT-bigG/14 -> (penultimate hidden state, no ln_final; pooled = ln_final(last block output) at
+    argmax(tokens) @ text_projection). argmax finds EOS: it is the largest id and te2 pads with 0."""
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
@@ -511,9 +510,8 @@ class SDXL(nn.Module):
     te2 = property(lambda self: self.conditioner.embedders[1].model)
 
     def encode_text(self, tokens1, tokens2):
-        """tokens1 (CLIP-L ids, EOS padding), tokens2 (bigG ids, 0 padding), (B, 77) each ->
-        (context (B, 77, te1 + te2 width), pooled (B, proj_dim)). Longer prompts are several 77-token rows,
-        concatenated after encoding: cache.encode_captions."""
+        """tokens1 (CLIP-L ids, EOS padding), tokens2 (bigG ids, 0 padding), (B, 77) each -> (context (B, 77, te1 +
+        te2 width), pooled (B, proj_dim)). Longer prompts: several 77-token rows (cache.encode_captions)."""
         h2, pooled = self.te2(tokens2)
         return torch.cat([self.te1(tokens1), h2], dim=-1), pooled
 
