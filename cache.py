@@ -5,14 +5,12 @@ computed once, before training, and read back from disk (and RAM) by the loader.
     cache = build_cache(items, sdxl, tok, "out/vpred/cache", device="cuda", rank=rank, world=world)
     mean, context, pooled = cache.load(items)       # what data.collate builds a batch from
 
-Files: cache_dir/latents/ab/<key>.safetensors holds the VAE encoder mean (fp32 VAE, unscaled; x VAE_SCALE when a
-batch is built), keyed by (image bytes, bucket, resize, crop, flip, VAE fingerprint); cache_dir/text/ab/<key>
-holds (context, pooled), keyed by (te1 ids, te2 ids, text-encoder fingerprint, max_token_length): token ids
-rather than caption text, so a tokenizer change invalidates and equal captions share one file. A changed input
-is a new key (stale files are never read); corrupt files (unreadable, wrong shape, NaN/inf) are found at build
-time and recomputed.
-A cached batch equals one encoded on the fly, bit for bit when the encoders' output does not depend on the
-batch they run in. Under DDP each rank encodes its share of the missing entries.
+cache_dir/latents/ab/<key>.safetensors holds an image's VAE mean (fp32 VAE, unscaled), keyed by (image bytes,
+bucket, resize, crop, flip, VAE fingerprint); cache_dir/text/ab/<key>.safetensors a caption's (context, pooled),
+keyed by (te1 ids, te2 ids, text-encoder fingerprint, max_token_length): token ids rather than text, so a
+tokenizer change invalidates and equal captions share one file. Stale files are never read; corrupt ones
+(unreadable, wrong shape, NaN/inf) are recomputed. A cached batch equals one encoded on the fly, bit for bit when
+the encoders' output does not depend on the batch they run in. Under DDP each rank encodes its share.
 """
 import contextlib
 import hashlib
@@ -222,8 +220,13 @@ def build_cache(items, encoders, tokenizer, cache_dir, device="cpu", batch_size=
         captions.setdefault(cache.txt_keys[it.index], (tokens1[i], tokens2[i]))
 
     # 2. what is missing or corrupt, against the shapes one tiny probe of each encoder gives
-    channels, factor, text_shapes = _output_shapes(vae, encode_text, tokenizer, device, max_token_length)
-    lat_shapes = {k: {"mean": (channels, it.bucket[0] // factor, it.bucket[1] // factor)} for k, it in images.items()}
+    with torch.no_grad(), torch.autocast(torch.device(device).type, enabled=False), _fp32(vae):
+        z = vae.encode(torch.zeros(1, 3, 64, 64, device=device))[0]
+    context, pooled = encode_captions(encode_text, *tokenize(tokenizer, [""], max_token_length=max_token_length),
+                                      device=device)
+    text_shapes = {"context": tuple(context.shape[1:]), "pooled": tuple(pooled.shape[1:])}
+    factor = 64 // z.shape[-1]  # the VAE's downsampling
+    lat_shapes = {k: {"mean": (z.shape[1], it.bucket[0] // factor, it.bucket[1] // factor)} for k, it in images.items()}
     lat_todo = _todo(cache, "latents", lat_shapes, verify)
     txt_todo = _todo(cache, "text", dict.fromkeys(captions, text_shapes), verify)
 
@@ -253,16 +256,6 @@ def build_cache(items, encoders, tokenizer, cache_dir, device="cpu", batch_size=
             redo = [k for k in others(txt_batches) if cache.check("text", k, text_shapes, full=verify)]
             _encode(cache, "text", _batches(redo, 4 * batch_size), encode_txt)
     return cache
-
-
-def _output_shapes(vae, encode_text, tokenizer, device, max_token_length=75):
-    """(latent channels, VAE downsampling factor, text entry shapes), from one 64x64 image and one caption."""
-    probe = torch.zeros(1, 3, 64, 64, device=device)
-    with torch.no_grad(), torch.autocast(torch.device(device).type, enabled=False), _fp32(vae):
-        z = vae.encode(probe)[0]
-    context, pooled = encode_captions(encode_text, *tokenize(tokenizer, [""], max_token_length=max_token_length),
-                                      device=device)
-    return z.shape[1], 64 // z.shape[-1], {"context": tuple(context.shape[1:]), "pooled": tuple(pooled.shape[1:])}
 
 
 def _todo(cache, kind, shapes, verify):

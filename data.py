@@ -255,22 +255,11 @@ def print_bucket_histogram(items, global_batch=None):
         n = counts[b]
         repeats = global_batch and n < global_batch
         note = f"  (< global batch {global_batch}: repeats within the bucket)" if repeats else ""
-
         print(f"  {b[0]:5d}x{b[1]:<5d} aspect {b[1] / b[0]:4.2f} {n:7d} {'#' * max(1, round(40 * n / top))}{note}")
 
 
 # -----------------------------------------------------------------------------
 # decoding and encoding
-
-def _to_rgb(im):
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit greyscale: scale to 8 bits, convert() would clip
-        arr = np.asarray(im).astype(np.float64)
-        im = Image.fromarray(np.clip(arr / (257 if arr.max() > 255 else 1), 0, 255).astype(np.uint8), "L")
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        im = im.convert("RGBA")  # transparent pixels over white, not over whatever colour they happen to hold
-        im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im)
-    return im.convert("RGB")
-
 
 def load_image(item):
     """Decode item's file and apply its plan: resize to cover (Lanczos), crop, flip -> [3, h, w] in [-1, 1]."""
@@ -280,7 +269,14 @@ def load_image(item):
         raise UserError(f"{item.path} changed while this run was reading the dataset; run again to rescan it")
     (rh, rw), (top, left), (bh, bw) = item.resized_hw, item.crop_tl, item.bucket
     with Image.open(io.BytesIO(data)) as im:
-        im = _to_rgb(ImageOps.exif_transpose(im))
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit greyscale: scale to 8 bits, convert() would clip
+            arr = np.asarray(im).astype(np.float64)
+            im = Image.fromarray(np.clip(arr / (257 if arr.max() > 255 else 1), 0, 255).astype(np.uint8), "L")
+        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            im = im.convert("RGBA")  # transparent pixels over white, not over whatever colour they happen to hold
+            im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im)
+        im = im.convert("RGB")
     im = im.resize((rw, rh), Image.LANCZOS)
     if item.flip:
         left = rw - bw - left  # crop_tl is measured in the flipped image; cut the same pixels, then mirror
@@ -368,12 +364,11 @@ class Loader:
         if self.position >= len(batches):
             self.epoch, self.position = self.epoch + 1, 0
             batches = self.plan(self.epoch)
-        G, B, r = self.global_batch, self.batch_size, self.rank
-        slots = batches[self.position]
-        drop = torch.rand(G, generator=self.gen) < self.caption_dropout  # whole global batch: ranks agree
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        drop = torch.rand(self.global_batch, generator=self.gen) < self.caption_dropout  # all of it: ranks agree
+        items = [self.items[p] for p in batches[self.position][mine]]
         self.position += 1
-        items = [self.items[p] for p in slots[r * B:(r + 1) * B]]
-        return collate(items, self.source, drop[r * B:(r + 1) * B])
+        return collate(items, self.source, drop[mine])
 
     def state_dict(self):
         return {"epoch": self.epoch, "position": self.position, "dropout_rng": self.gen.get_state(),
