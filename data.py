@@ -247,17 +247,6 @@ def split_eval(items, n, quiet=False):
     return items[:n], train
 
 
-def print_bucket_histogram(items, global_batch=None):
-    counts = Counter(it.bucket for it in items)
-    print(f"buckets: {len(items)} images in {len(counts)} buckets")
-    top = max(counts.values(), default=1)
-    for b in sorted(counts, key=lambda b: b[0] / b[1]):
-        n = counts[b]
-        repeats = global_batch and n < global_batch
-        note = f"  (< global batch {global_batch}: repeats within the bucket)" if repeats else ""
-        print(f"  {b[0]:5d}x{b[1]:<5d} aspect {b[1] / b[0]:4.2f} {n:7d} {'#' * max(1, round(40 * n / top))}{note}")
-
-
 # -----------------------------------------------------------------------------
 # decoding and encoding
 
@@ -337,8 +326,14 @@ class Loader:
         self.epoch, self.position = 0, 0
         self.gen = torch.Generator().manual_seed(seed)
         self._plan = (None, None)
-        if rank == 0 and verbose:
-            print_bucket_histogram(self.items, self.global_batch)
+        if rank == 0 and verbose:  # the bucket histogram
+            counts = Counter(it.bucket for it in self.items)
+            top, G = max(counts.values()), self.global_batch
+            print(f"buckets: {len(self.items)} images in {len(counts)} buckets")
+            for h, w in sorted(counts, key=lambda b: b[0] / b[1]):
+                n = counts[h, w]
+                note = f"  (< global batch {G}: repeats within the bucket)" if n < G else ""
+                print(f"  {h:5d}x{w:<5d} aspect {w / h:4.2f} {n:7d} {'#' * max(1, round(40 * n / top))}{note}")
             print(f"loader: {len(self)} batches of {self.global_batch} (= {batch_size} per rank x {world}) per epoch")
 
     def plan(self, epoch):

@@ -50,8 +50,7 @@ def bytes_to_unicode():
 def clean_text(text):
     """transformers-5 CLIPTokenizer normaliser: NFC, whitespace runs -> one space, lower-case."""
     text = unicodedata.normalize("NFC", text)
-    text = _WHITESPACE.sub(" ", text)  # cosmetic: the pre-split drops whitespace anyway (no str.strip(): its
-    # whitespace includes \x1c-\x1f, see SPLIT_PATTERN)
+    text = _WHITESPACE.sub(" ", text)  # cosmetic: the pre-split drops whitespace (no str.strip(): see SPLIT_PATTERN)
     # Python's lower() turns a word-final capital sigma into final-form "ς"; the tokenizers library lowers
     # char by char (always "σ"). Lower it ourselves first so the ids match.
     return text.replace("Σ", "σ").lower()
