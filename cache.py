@@ -5,17 +5,16 @@ computed once, before training, and read back from disk (and RAM) by the loader.
     cache = build_cache(items, sdxl, tok, "out/vpred/cache", device="cuda", rank=rank, world=world)
     mean, context, pooled = cache.load(items)       # what data.collate builds a batch from
 
-Files: cache_dir/latents/ab/<key>.safetensors holds the VAE encoder mean (fp32 VAE, unscaled; x VAE_SCALE when a
-batch is built), keyed by (image bytes, bucket, resize, crop, flip, VAE fingerprint); cache_dir/text/ab/<key>
-holds (context, pooled), keyed by (te1 ids, te2 ids, text-encoder fingerprint, max_token_length): token ids
-rather than caption text, so a tokenizer change invalidates and equal captions share one file. A changed input
-is a new key (stale files are never read); corrupt files (unreadable, wrong shape, NaN/inf) are found at build
-time and recomputed.
-A cached batch equals one encoded on the fly, bit for bit when the encoders' output does not depend on the
-batch they run in. Under DDP each rank encodes its share of the missing entries.
+cache_dir/latents/ab/<key>.safetensors holds an image's VAE mean (fp32 VAE, unscaled), keyed by (image bytes,
+bucket, resize, crop, flip, VAE fingerprint); cache_dir/text/ab/<key>.safetensors a caption's (context, pooled),
+keyed by (te1 ids, te2 ids, text-encoder fingerprint, max_token_length): token ids rather than text, so a
+tokenizer change invalidates and equal captions share one file. Stale files are never read; corrupt ones
+(unreadable, wrong shape, NaN/inf) are recomputed. A cached batch equals one encoded on the fly, bit for bit when
+the encoders' output does not depend on the batch they run in. Under DDP each rank encodes its share.
 """
 import contextlib
 import hashlib
+import itertools
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -40,9 +39,6 @@ def _fp32(module):
         return
     named = lambda: list(module.named_parameters()) + list(module.named_buffers())
     dtypes = {name: t.dtype for name, t in named()}
-    if all(d == torch.float32 or not d.is_floating_point for d in dtypes.values()):
-        yield
-        return
     module.float()
     try:
         yield
@@ -61,10 +57,9 @@ def encode_images(vae, items, device="cpu", pool=None):
 
 
 def encode_captions(encode_text, tokens1, tokens2, device="cpu"):
-    """tokens [B, 77 n] (tokenizer.tokenize) -> (context [B, 77 n, D], pooled [B, P]), fp32, on the CPU.
-    encode_text takes 77-token rows: each 77-position chunk is encoded on its own (all chunks in one call), the
-    contexts are concatenated in order, and pooled is the first chunk's, as A1111 and ComfyUI do
-    (docs/sdxl_format.md §8). n = 1 is SDXL's single row."""
+    """tokens [B, 77 n] (tokenizer.tokenize) -> (context [B, 77 n, D], pooled [B, P]), fp32, on the CPU. Each
+    77-position chunk is encoded as a row of its own (all in one call), the contexts are concatenated in order,
+    and pooled is the first chunk's, as A1111 and ComfyUI do (docs/sdxl_format.md §8)."""
     B, L = tokens1.shape
     n = L // CONTEXT_LENGTH
     assert L == n * CONTEXT_LENGTH and n >= 1 and tokens2.shape == tokens1.shape, (tokens1.shape, tokens2.shape)
@@ -77,20 +72,15 @@ def encode_captions(encode_text, tokens1, tokens2, device="cpu"):
 
 
 def weights_fingerprint(*modules):
-    """A hash of modules' weights: every tensor's name, shape and values (floats as fp32 values, so the same
-    weights held in fp16, bf16 or fp32 hash alike: the encoders always run in fp32). Part of cache keys, so it
-    must see any change: a sample of the tensors misses a VAE that differs in the others. Each tensor is hashed
-    on its own (big ones in a thread pool: hashlib releases the GIL): the SDXL VAE (0.33 GB in fp32) takes 0.3-0.7 s
-    and both text encoders (3.3 GB) 2-6 s on a shared 2-core CPU, once per run."""
+    """A hash of every tensor's name, shape and values (floats as fp32: fp16, bf16 and fp32 copies of the same
+    weights hash alike). Part of cache keys, so it reads all of them: a sample misses a VAE changed elsewhere.
+    Big tensors hash in a thread pool (hashlib releases the GIL): SDXL's encoders take 2-6 s on 2 cores."""
     tensors = [(f"{i}.{k}", t) for i, m in enumerate(modules) for k, t in sorted(m.state_dict().items())]
-    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # big tensors there, small ones here (a
-        # thread hand-off costs more than hashing a small tensor)
-        big = [pool.submit(_tensor_digest, k, t) if t.numel() * t.element_size() >= 2 ** 20 else None for k, t in tensors]
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # (a hand-off costs more than a small tensor)
+        big = [pool.submit(_tensor_digest, k, t) if t.numel() * t.element_size() >= 2 ** 20 else None
+               for k, t in tensors]
         digests = [f.result() if f else _tensor_digest(k, t) for f, (k, t) in zip(big, tensors)]
-    h = hashlib.blake2b(digest_size=16)
-    for d in digests:
-        h.update(d)
-    return h.hexdigest()
+    return hashlib.blake2b(b"".join(digests), digest_size=16).hexdigest()
 
 
 def _tensor_digest(name, t):
@@ -118,22 +108,16 @@ def _latent_key(item, vae_fp, dtype=torch.float32):
 
 
 def _text_key(t1, t2, text_fp, dtype=torch.float32, max_token_length=75):
-    # keyed by the token ids rather than the caption: a tokenizer change invalidates, equal tokens share. The
-    # long-prompt layout is named too (its ids are longer anyway), and 75 keeps the keys caches already have.
+    # the long-prompt layout is named too (its ids are longer anyway); 75 keeps the keys caches already have
     spec = b"text v1|" + t1.numpy().tobytes() + b"|" + t2.numpy().tobytes() + b"|" + text_fp.encode()
     layout = b"" if max_token_length == 75 else f"|chunks {token_chunks(max_token_length)}x77".encode()
     return data.hash_bytes(spec + layout + (b"" if dtype == torch.float32 else f"|{dtype}".encode()))
 
 
 class Cache:
-    """Cached VAE means (unscaled) and text embeddings of a list of items, the first RAM_GB of them kept in RAM.
-
-    Files: cache_dir/latents/ab/<key>.safetensors ("mean" [C, h, w]) and cache_dir/text/ab/<key>.safetensors
-    ("context" [77 n, D], "pooled" [P]; n = max_token_length / 75 chunks), stored as `dtype` (fp32; bf16 or fp16
-    halve disk and RAM, load() casts back to fp32), keys from _latent_key / _text_key. A key that changes (new
-    image bytes, bucket, crop, flip, weights, tokens, max_token_length, dtype) names a new file, so stale entries
-    are never read.
-    """
+    """Cached VAE means ("mean" [C, h, w], unscaled) and text embeddings ("context" [77 n, D], "pooled" [P]) of a
+    list of items, stored as `dtype` (bf16 or fp16 halve disk and RAM; load() casts back to fp32), the first
+    RAM_GB of them kept in RAM too."""
 
     def __init__(self, cache_dir, lat_keys, txt_keys, dtype=torch.float32):
         self.dir, self.dtype = cache_dir, dtype
@@ -155,16 +139,13 @@ class Cache:
         if not os.path.exists(path):
             return "missing"
         try:
-            if not full:  # header only: names, shapes, dtypes, key
-                with safe_open(path, "pt") as f:
-                    if (f.metadata() or {}).get("key") != key:
-                        return "wrong key"
-                    got = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
-                want = {k: (tuple(s), _ST[self.dtype]) for k, s in shapes.items()}
-                return None if got == want else f"expected {want}, found {got}"
             with safe_open(path, "pt") as f:
                 if (f.metadata() or {}).get("key") != key:
                     return "wrong key"
+                if not full:  # header only: names, shapes, dtypes
+                    got = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+                    want = {k: (tuple(s), _ST[self.dtype]) for k, s in shapes.items()}
+                    return None if got == want else f"expected {want}, found {got}"
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as e:
             return f"unreadable ({type(e).__name__}: {e})"
@@ -179,8 +160,7 @@ class Cache:
 
     def write(self, kind, key, tensors):
         tensors = {k: v.to(self.dtype) for k, v in tensors.items()}
-        path = self.path(kind, key)
-        with files.atomic_path(path) as tmp:
+        with files.atomic_path(self.path(kind, key)) as tmp:
             save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"key": key})
         self.keep(kind, key, tensors)
 
@@ -199,31 +179,6 @@ class Cache:
                 torch.stack([t["pooled"] for t in txt]).float())
 
 
-class _Progress:
-    def __init__(self, what, total):
-        self.what, self.total, self.done, self.t0, self.last = what, total, 0, time.time(), 0.0
-
-    def step(self, n):
-        self.done += n
-        now = time.time()
-        if self.done == self.total or now - self.last > 10:
-            self.last = now
-            rate = self.done / max(now - self.t0, 1e-9)
-            eta = (self.total - self.done) / max(rate, 1e-9)
-            print(f"cache {self.what}: {self.done}/{self.total} ({100 * self.done / self.total:.0f}%) "
-                  f"{rate:.1f}/s eta {eta:.0f}s")
-
-
-def _fingerprints(encoders, vae_fp, text_fp):
-    if vae_fp is None:
-        vae_fp = weights_fingerprint(encoders.vae)
-    if text_fp is None:
-        if not (hasattr(encoders, "te1") and hasattr(encoders, "te2")):
-            raise ValueError("encoders has no te1/te2 to fingerprint: pass text_fp (weights_fingerprint of the text encoders)")
-        text_fp = weights_fingerprint(encoders.te1, encoders.te2)  # not the whole model: the UNet trains
-    return vae_fp, text_fp
-
-
 def check_dir(cache_dir, items):
     """The cache folder, absolute; a UserError if it is one of the dataset's image folders (the cache never
     writes among a user's images)."""
@@ -238,22 +193,21 @@ def build_cache(items, encoders, tokenizer, cache_dir, device="cpu", batch_size=
     """Make sure every item's VAE mean and text embedding is cached; return the Cache.
 
     encoders: the SDXL model (or a stand-in) with .vae.encode(img [B,3,H,W] in [-1,1]) -> (mean, logvar) and
-    .encode_text(tokens1, tokens2) -> (context [B,77,D], pooled [B,P]) on 77-token rows. vae_fp / text_fp default to
-    weights_fingerprint(encoders.vae) and weights_fingerprint(encoders.te1, encoders.te2).
-    The steps: (1) the key of every entry; (2) which files are missing or corrupt (verify=True reads each file
-    fully, False only its header); (3) those are encoded, latents in same-bucket batches of batch_size, captions
-    in batches of 4x that, each rank its share; (4) under DDP, what another rank failed to write is encoded here.
-    group: the process group the ranks wait on each other in (one with a long timeout: a rank may encode for
-    hours while the others wait). dtype: what the entries are stored as (fp32; bf16 or fp16 halve the disk).
-    max_token_length: 75 | 150 | 225 caption tokens, cached as 1 | 2 | 3 chunks of 77 positions (encode_captions);
-    part of the text keys, so entries made at one length are never read at another.
+    .encode_text(tokens1, tokens2) -> (context [B,77,D], pooled [B,P]) on 77-token rows. verify=False checks
+    only the files' headers. group: the process group the ranks wait in (with a long timeout: a rank may encode
+    for hours). max_token_length: 75 | 150 | 225 caption tokens, cached as 1 | 2 | 3 chunks of 77 positions.
     """
     cache_dir = check_dir(cache_dir, items)
     distributed = world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
     if not distributed:  # no process group: nobody else would do the other shares
         rank, world = 0, 1
     vae, encode_text = encoders.vae, encoders.encode_text
-    vae_fp, text_fp = _fingerprints(encoders, vae_fp, text_fp)
+    vae_fp = weights_fingerprint(vae) if vae_fp is None else vae_fp
+    if text_fp is None:
+        if not (hasattr(encoders, "te1") and hasattr(encoders, "te2")):
+            raise ValueError("encoders has no te1/te2 to fingerprint: pass text_fp (weights_fingerprint of the "
+                             "text encoders)")
+        text_fp = weights_fingerprint(encoders.te1, encoders.te2)  # not the whole model: the UNet trains
 
     # 1. keys: one latent entry per (image, plan), one text entry per distinct token pair
     tokens1, tokens2 = tokenize(tokenizer, [it.caption for it in items], max_token_length=max_token_length)
@@ -266,15 +220,20 @@ def build_cache(items, encoders, tokenizer, cache_dir, device="cpu", batch_size=
         captions.setdefault(cache.txt_keys[it.index], (tokens1[i], tokens2[i]))
 
     # 2. what is missing or corrupt, against the shapes one tiny probe of each encoder gives
-    channels, factor, text_shapes = _output_shapes(vae, encode_text, tokenizer, device, max_token_length)
-    lat_shapes = {k: {"mean": (channels, it.bucket[0] // factor, it.bucket[1] // factor)} for k, it in images.items()}
+    with torch.no_grad(), torch.autocast(torch.device(device).type, enabled=False), _fp32(vae):
+        z = vae.encode(torch.zeros(1, 3, 64, 64, device=device))[0]
+    context, pooled = encode_captions(encode_text, *tokenize(tokenizer, [""], max_token_length=max_token_length),
+                                      device=device)
+    text_shapes = {"context": tuple(context.shape[1:]), "pooled": tuple(pooled.shape[1:])}
+    factor = 64 // z.shape[-1]  # the VAE's downsampling
+    lat_shapes = {k: {"mean": (z.shape[1], it.bucket[0] // factor, it.bucket[1] // factor)} for k, it in images.items()}
     lat_todo = _todo(cache, "latents", lat_shapes, verify)
     txt_todo = _todo(cache, "text", dict.fromkeys(captions, text_shapes), verify)
 
     # 3. encode, in batches that never mix two buckets; rank r takes batches r, r + world, ...
     bucket = lambda k: images[k].bucket
-    lat_batches = _same_bucket_chunks(sorted(lat_todo, key=lambda k: (bucket(k), images[k].index)), bucket, batch_size)
-    txt_batches = [txt_todo[i:i + 4 * batch_size] for i in range(0, len(txt_todo), 4 * batch_size)]
+    lat_batches = _batches(sorted(lat_todo, key=lambda k: (bucket(k), images[k].index)), batch_size, bucket)
+    txt_batches = _batches(txt_todo, 4 * batch_size)
     if distributed:  # every rank must have listed its to-dos before anyone writes, or the shares differ
         torch.distributed.barrier(group=group)
     with ThreadPoolExecutor(max(1, workers)) as pool:  # decodes a batch's images in parallel
@@ -293,20 +252,10 @@ def build_cache(items, encoders, tokenizer, cache_dir, device="cpu", batch_size=
             torch.distributed.barrier(group=group)
             others = lambda batches: [k for i, b in enumerate(batches) if i % world != rank for k in b]
             redo = [k for k in others(lat_batches) if cache.check("latents", k, lat_shapes[k], full=verify)]
-            _encode(cache, "latents", _same_bucket_chunks(redo, bucket, batch_size), encode_lat)
+            _encode(cache, "latents", _batches(redo, batch_size, bucket), encode_lat)
             redo = [k for k in others(txt_batches) if cache.check("text", k, text_shapes, full=verify)]
-            _encode(cache, "text", [redo[i:i + 4 * batch_size] for i in range(0, len(redo), 4 * batch_size)], encode_txt)
+            _encode(cache, "text", _batches(redo, 4 * batch_size), encode_txt)
     return cache
-
-
-def _output_shapes(vae, encode_text, tokenizer, device, max_token_length=75):
-    """(latent channels, VAE downsampling factor, text entry shapes), from one 64x64 image and one caption."""
-    probe = torch.zeros(1, 3, 64, 64, device=device)
-    with torch.no_grad(), torch.autocast(torch.device(device).type, enabled=False), _fp32(vae):
-        z = vae.encode(probe)[0]
-    context, pooled = encode_captions(encode_text, *tokenize(tokenizer, [""], max_token_length=max_token_length),
-                                      device=device)
-    return z.shape[1], 64 // z.shape[-1], {"context": tuple(context.shape[1:]), "pooled": tuple(pooled.shape[1:])}
 
 
 def _todo(cache, kind, shapes, verify):
@@ -319,28 +268,30 @@ def _todo(cache, kind, shapes, verify):
                 bad += 1
                 print(f"cache: {cache.path(kind, key)} is corrupt ({why}); recomputing")
             todo.append(key)
-    print(f"cache {kind}: {len(shapes)} entries, {len(shapes) - len(todo)} cached, {len(todo) - bad} missing, {bad} corrupt")
+    print(f"cache {kind}: {len(shapes)} entries, {len(shapes) - len(todo)} cached, {len(todo) - bad} missing, "
+          f"{bad} corrupt")
     return todo
 
 
 def _encode(cache, kind, batches, encode_batch):
     """encode_batch(keys) -> one dict of tensors per key, written to the cache; progress every 10 s."""
-    if batches:
-        progress = _Progress(kind, sum(map(len, batches)))
-        for keys in batches:
-            for key, tensors in zip(keys, encode_batch(keys)):
-                cache.write(kind, key, tensors)
-            progress.step(len(keys))
+    total, done, t0, last = sum(map(len, batches)), 0, time.time(), 0.0
+    for keys in batches:
+        for key, tensors in zip(keys, encode_batch(keys)):
+            cache.write(kind, key, tensors)
+        done += len(keys)
+        now = time.time()
+        if done == total or now - last > 10:
+            last = now
+            rate = done / max(now - t0, 1e-9)
+            print(f"cache {kind}: {done}/{total} ({100 * done / total:.0f}%) {rate:.1f}/s "
+                  f"eta {(total - done) / max(rate, 1e-9):.0f}s")
 
 
-def _same_bucket_chunks(keys, bucket_of, size):
-    """Consecutive runs of keys (sorted by bucket) cut into chunks of <= size that never span two buckets."""
-    chunks, cur = [], []
-    for k in keys:
-        if cur and (len(cur) == size or bucket_of(k) != bucket_of(cur[0])):
-            chunks.append(cur)
-            cur = []
-        cur.append(k)
-    if cur:
-        chunks.append(cur)
-    return chunks
+def _batches(keys, size, bucket_of=lambda key: None):
+    """keys (sorted by bucket) cut into batches of <= size that never span two buckets."""
+    batches = []
+    for _, run in itertools.groupby(keys, bucket_of):
+        run = list(run)
+        batches += [run[i:i + size] for i in range(0, len(run), size)]
+    return batches

@@ -4,10 +4,8 @@ decoding, and a deterministic, resumable, DDP-aware batch loader over the encode
 
     buckets = data.make_buckets(area=1024 * 1024, step=64)
     items = data.scan_dataset("path/to/images", buckets, seed=1337, crop="center", flip=False)
-    cache = cache.build_cache(items, sdxl, tok, "out/vpred/cache", device="cuda", rank=rank, world=world)
     loader = data.Loader(items, cache, batch_size, rank=rank, world=world, seed=1337, caption_dropout=0.1)
     batch = loader.next_batch()   # {latents, context, pooled, time_ids, index, dropped}
-    state = loader.state_dict();  ...;  loader.load_state_dict(state)   # train.py keeps it in ckpt.pt
 
 Crop and flip are decided once per image at scan time, from (seed, relative path): the cache key contains
 them, so a fixed choice makes the cache reusable across runs and epochs (kohya's sd-scripts does the same with
@@ -23,6 +21,7 @@ import queue
 import random
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -40,11 +39,7 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 
 def make_buckets(area=1024 * 1024, step=64, max_aspect=2.5):
     """[(h, w)] sorted by aspect h/w: sides multiples of step, h*w <= area, both orientations, the square.
-
-    For each short side s (a multiple of step) the long side is the largest multiple of step that keeps
-    s*long <= area; buckets past max_aspect are dropped. The default 2.5 reaches as far as SDXL's own
-    training buckets did (640x1536; here 640x1600, the largest that fits the area).
-    """
+    max_aspect 2.5 reaches as far as SDXL's own training buckets did (640x1536; here 640x1600)."""
     assert step % 8 == 0, f"bucket step {step} must be a multiple of 8 (the VAE's downscale)"
     side = int(math.isqrt(area)) // step * step
     assert side >= step, f"area {area} is smaller than one {step}x{step} bucket"
@@ -64,11 +59,8 @@ def nearest_bucket(h, w, buckets):
 
 
 def plan_crop(orig_hw, bucket, crop="center", flip=False, rng=None):
-    """Resize-to-cover size, crop (top, left) in the (flipped, if flip) resized image, and whether to flip.
-
-    The crop offset is the one SDXL's micro-conditioning wants: after a horizontal flip the crop's left edge,
-    measured in the flipped image, is resized_w - crop_w - left_before_flip.
-    """
+    """-> (resize-to-cover size, crop (top, left), flipped?). The crop is measured in the flipped image, as SDXL's
+    micro-conditioning wants: after a flip its left edge is resized_w - crop_w - left_before_flip."""
     (h, w), (bh, bw) = orig_hw, bucket
     scale = max(bh / h, bw / w)
     rh, rw = max(bh, round(h * scale)), max(bw, round(w * scale))
@@ -105,28 +97,28 @@ def hash_bytes(data):
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-def _item_rng(seed, rel):
-    # from a hash, not Python's hash(): stable across processes and independent of the other files
-    return random.Random(int.from_bytes(hashlib.blake2b(f"{seed}\0{rel}".encode(), digest_size=8).digest(), "little"))
-
-
-def _probe_image(path, verify):
-    """-> (file bytes hash, (h, w) after EXIF rotation). Raises on anything Pillow cannot fully decode."""
-    with open(path, "rb") as f:
-        data = f.read()
-    if not data:
-        raise ValueError("zero-size file")
-    with Image.open(io.BytesIO(data)) as im:
-        w, h = im.size
-        orientation = im.getexif().get(0x0112, 1)
-        if verify:
-            # JPEG: decode at 1/8 scale (DCT scaling) -- still reads every entropy-coded byte, so truncation
-            # and corruption are caught at a fraction of the cost; other formats decode fully
-            im.draft("RGB", (max(1, w // 8), max(1, h // 8)))
-            im.load()
+def _probe_image(path, verify, min_pixels):
+    """-> ((file bytes hash, (h, w) after EXIF rotation), None), or (None, why the file is skipped)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        if not data:
+            return None, "zero-size file"
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            orientation = im.getexif().get(0x0112, 1)
+            if verify:
+                # JPEG: decode at 1/8 scale (DCT scaling) -- still reads every entropy-coded byte, so truncation
+                # and corruption are caught at a fraction of the cost; other formats decode fully
+                im.draft("RGB", (max(1, w // 8), max(1, h // 8)))
+                im.load()
+    except Exception as e:  # Pillow raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+        return None, f"cannot read/decode ({type(e).__name__}: {e})"
     if orientation in (5, 6, 7, 8):  # EXIF rotations by 90 degrees swap the sides
         h, w = w, h
-    return hash_bytes(data), (h, w)
+    if h * w < min_pixels:
+        return None, f"too small ({h}x{w} < min_pixels {min_pixels})"
+    return (hash_bytes(data), (h, w)), None
 
 
 CAPTION_KEYS = ("text", "caption", "prompt")  # what metadata.jsonl files call the caption, in order of preference
@@ -134,7 +126,7 @@ CAPTION_KEYS = ("text", "caption", "prompt")  # what metadata.jsonl files call t
 
 def _read_metadata(root, log=print):
     """root/metadata.jsonl -> {normalised file_name: caption or None (= use the .txt)}, or None without the file.
-    A line that is not UTF-8, not JSON, not an object or has no file_name is skipped with one printed line."""
+    A line that is not a JSON object with a file_name is skipped with one printed line."""
     path = os.path.join(root, "metadata.jsonl")
     if not os.path.exists(path):
         return None
@@ -179,57 +171,38 @@ def _image_files(root):
             continue
         seen.add(real)
         dirnames.sort()
-        rels += [os.path.relpath(os.path.join(dirpath, fn), root) for fn in filenames if fn.lower().endswith(IMAGE_EXTS)]
+        rels += [os.path.relpath(os.path.join(dirpath, fn), root) for fn in filenames
+                 if fn.lower().endswith(IMAGE_EXTS)]
     return sorted(rels)
 
 
 def scan_dataset(root, buckets=None, seed=0, crop="center", flip=False, min_pixels=None, verify=True, workers=8,
                  quiet=False):
-    """Find every image under root, check it, and plan its bucket, resize, crop and flip -> [Item].
-
-    Images: .png .jpg .jpeg .webp, recursive (through symlinked folders), sorted by relative path. Captions:
-    root/metadata.jsonl (`file_name` and `text`, or `caption` / `prompt`) if present, else the same-stem .txt;
-    none -> empty caption, counted once. Skipped with one printed line each: zero-size, unreadable,
-    undecodable or truncated files, and images under min_pixels (default: a quarter of the smallest bucket's
-    area, train.py's default too). Images above min_pixels but smaller than their bucket are upscaled to cover
-    it, as kohya's sd-scripts does by default, and counted. buckets=None plans against make_buckets()'s defaults and
-    skips no size (enough to read the captions). quiet=True prints nothing.
-    """
+    """Every image under root (sorted by relative path), checked, with its caption (metadata.jsonl, else the
+    same-stem .txt, else empty) and its planned bucket, resize, crop and flip -> [Item]. Unreadable files and images
+    under min_pixels (default: a quarter of the smallest bucket) are skipped with one printed line each; smaller
+    ones are upscaled to cover their bucket, as kohya's sd-scripts does. buckets=None: make_buckets()'s, and no
+    size is skipped (enough to read the captions). quiet=True prints nothing."""
     root = os.path.abspath(root)
     if not os.path.isdir(root):
         raise UserFileNotFound(f"dataset folder {root} does not exist")
-    if buckets is None:
-        buckets, min_pixels = make_buckets(), (0 if min_pixels is None else min_pixels)
-    min_pixels = min(h * w for h, w in buckets) // 4 if min_pixels is None else min_pixels
+    if min_pixels is None:
+        min_pixels = 0 if buckets is None else min(h * w for h, w in buckets) // 4
+    buckets = make_buckets() if buckets is None else buckets
     log = (lambda *a: None) if quiet else print
     rels = _image_files(root)
     meta = _read_metadata(root, log)
-
-    def probe(rel):
-        try:
-            return _probe_image(os.path.join(root, rel), verify), None
-        except Exception as e:  # Pillow raises many types (OSError, SyntaxError, DecompressionBombError, ...)
-            return None, e
-
     t0 = time.time()
     with ThreadPoolExecutor(max(1, workers)) as pool:  # Pillow releases the GIL while decoding
-        probed = list(pool.map(probe, rels))
-    items, skipped, no_caption, upscaled = [], {}, [], 0
-    for rel, (got, err) in zip(rels, probed):
-        reason = None
-        if err is not None:
-            reason = "zero-size file" if str(err) == "zero-size file" else f"cannot read/decode ({type(err).__name__}: {err})"
-        elif got[1][0] * got[1][1] < min_pixels:
-            reason = f"too small ({got[1][0]}x{got[1][1]} < min_pixels {min_pixels})"
+        probed = list(pool.map(lambda rel: _probe_image(os.path.join(root, rel), verify, min_pixels), rels))
+    items, skipped, no_caption, upscaled = [], Counter(), [], 0
+    for rel, (got, reason) in zip(rels, probed):
         if reason:
             log(f"skip {rel}: {reason}")
-            kind = reason.split(" (")[0]
-            skipped[kind] = skipped.get(kind, 0) + 1
+            skipped[reason.split(" (")[0]] += 1
             continue
         file_hash, orig_hw = got
-        caption = None
-        if meta is not None:
-            caption = meta.get(os.path.normpath(rel))
+        caption = meta.get(os.path.normpath(rel)) if meta is not None else None
         if caption is None:
             txt = os.path.join(root, os.path.splitext(rel)[0] + ".txt")
             if os.path.isdir(txt):
@@ -241,7 +214,11 @@ def scan_dataset(root, buckets=None, seed=0, crop="center", flip=False, min_pixe
             no_caption.append(rel)
             caption = ""
         bucket = nearest_bucket(*orig_hw, buckets)
-        resized, crop_tl, flipped = plan_crop(orig_hw, bucket, crop, flip, _item_rng(seed, rel))
+        # the item's rng from a hash, not Python's hash(): stable across processes, independent of the other files
+        digest = hashlib.blake2b(f"{seed}\0{rel}".encode(), digest_size=8).digest()
+        rng = random.Random(int.from_bytes(digest, "little"))
+        resized, crop_tl, flipped = plan_crop(orig_hw, bucket, crop, flip, rng)
+
         items.append(Item(len(items), os.path.join(root, rel), rel, caption, file_hash, orig_hw, bucket,
                           resized, crop_tl, flipped))
         upscaled += resized[0] > orig_hw[0]
@@ -253,8 +230,7 @@ def scan_dataset(root, buckets=None, seed=0, crop="center", flip=False, min_pixe
         log(f"{len(no_caption)} images have no caption (trained with an empty caption), e.g. {no_caption[0]}")
     detail = ", ".join(f"{v} {k}" for k, v in sorted(skipped.items()))
     log(f"scan {root}: {len(rels)} image files, {len(items)} kept ({upscaled} upscaled to their bucket), "
-        f"{len(rels) - len(items)} skipped"
-          f"{' (' + detail + ')' if detail else ''}, {time.time() - t0:.1f}s")
+        f"{len(rels) - len(items)} skipped{' (' + detail + ')' if detail else ''}, {time.time() - t0:.1f}s")
     return items
 
 
@@ -271,30 +247,8 @@ def split_eval(items, n, quiet=False):
     return items[:n], train
 
 
-def print_bucket_histogram(items, global_batch=None):
-    counts = {}
-    for it in items:
-        counts[it.bucket] = counts.get(it.bucket, 0) + 1
-    print(f"buckets: {len(items)} images in {len(counts)} buckets")
-    top = max(counts.values(), default=1)
-    for b in sorted(counts, key=lambda b: b[0] / b[1]):
-        n = counts[b]
-        note = f"  (< global batch {global_batch}: repeats within the bucket)" if global_batch and n < global_batch else ""
-        print(f"  {b[0]:5d}x{b[1]:<5d} aspect {b[1] / b[0]:4.2f} {n:7d} {'#' * max(1, round(40 * n / top))}{note}")
-
-
 # -----------------------------------------------------------------------------
 # decoding and encoding
-
-def _to_rgb(im):
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit greyscale: scale to 8 bits, convert() would clip
-        arr = np.asarray(im).astype(np.float64)
-        im = Image.fromarray(np.clip(arr / (257 if arr.max() > 255 else 1), 0, 255).astype(np.uint8), "L")
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        im = im.convert("RGBA")  # transparent pixels over white, not over whatever colour they happen to hold
-        im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im)
-    return im.convert("RGB")
-
 
 def load_image(item):
     """Decode item's file and apply its plan: resize to cover (Lanczos), crop, flip -> [3, h, w] in [-1, 1]."""
@@ -304,7 +258,14 @@ def load_image(item):
         raise UserError(f"{item.path} changed while this run was reading the dataset; run again to rescan it")
     (rh, rw), (top, left), (bh, bw) = item.resized_hw, item.crop_tl, item.bucket
     with Image.open(io.BytesIO(data)) as im:
-        im = _to_rgb(ImageOps.exif_transpose(im))
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit greyscale: scale to 8 bits, convert() would clip
+            arr = np.asarray(im).astype(np.float64)
+            im = Image.fromarray(np.clip(arr / (257 if arr.max() > 255 else 1), 0, 255).astype(np.uint8), "L")
+        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            im = im.convert("RGBA")  # transparent pixels over white, not over whatever colour they happen to hold
+            im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im)
+        im = im.convert("RGB")
     im = im.resize((rw, rh), Image.LANCZOS)
     if item.flip:
         left = rw - bw - left  # crop_tl is measured in the flipped image; cut the same pixels, then mirror
@@ -319,12 +280,12 @@ def load_image(item):
 # the batch loader
 
 def collate(items, source, dropped=None):
-    """One batch dict from a list of items: latents (mean x VAE_SCALE), context, pooled, time_ids, index,
-    dropped. Dropped samples get zeroed context and pooled (the sampler's unconditional branch)."""
+    """One batch from same-bucket items: latents [B,C,h,w] fp32 (mean * VAE_SCALE), context [B,77n,D], pooled [B,P]
+    (both zero where dropped: the sampler's unconditional branch), time_ids [B,6] = (orig_h, orig_w, crop_top,
+    crop_left, target_h, target_w), index [B] (item ids), dropped [B] bool."""
     dropped = torch.zeros(len(items), dtype=torch.bool) if dropped is None else dropped
-    # load() returns freshly stacked tensors (never the cached ones), so in-place edits are safe and save
-    # a copy of the biggest tensor in the batch (context is 77x2048 floats per image in SDXL, 231x2048 at
-    # max_token_length 225)
+    # load() returns new tensors (never the cached ones): editing them in place saves a copy of the batch's
+    # biggest tensor (context: 77x2048 floats per image in SDXL, 231x2048 at max_token_length 225)
     mean, context, pooled = source.load(items)
     context[dropped] = 0.0
     pooled[dropped] = 0.0
@@ -344,22 +305,16 @@ def check_order(sd, seed, global_batch):
 class Loader:
     """Single-bucket batches in an order that depends only on (seed, epoch, global batch), resumable exactly.
 
-    Each epoch: every bucket's items are shuffled and cut into global batches (batch_size * world); a bucket's
-    last, short batch is filled with its own items again, so under-filled buckets repeat and nothing is
-    dropped; then the batches are shuffled. Rank r takes slots [r*B, (r+1)*B) of every global batch, so ranks
-    are disjoint and together give exactly the world=1 run with batch B*world. Caption dropout is drawn for the
-    whole global batch from a torch.Generator that is part of state_dict(), so every rank agrees and resume
-    is exact.
-
-    source: a cache.Cache (from build_cache), or anything with .load(items) -> (mean, context, pooled) that
-    returns new tensors (they are edited in place).
-    Batches: latents [B,C,h,w] fp32 (mean * VAE_SCALE), context [B,77n,D], pooled [B,P] (both zero where
-    dropped), time_ids [B,6] = (orig_h, orig_w, crop_top, crop_left, target_h, target_w), index [B] (item
-    ids), dropped [B] bool.
+    Each epoch every bucket's items are shuffled and cut into global batches (batch_size * world), the last one
+    filled up with the bucket's own items again (nothing is dropped), then the batches are shuffled. Rank r takes
+    slots [r*B, (r+1)*B) of each: together the ranks give exactly the world=1 run with batch B*world. Caption
+    dropout is drawn for the whole global batch from a generator in state_dict(): ranks agree, resume is exact.
+    source: a cache.Cache, or anything whose .load(items) -> (mean, context, pooled) returns new tensors.
+    Batches: see collate.
     """
 
-    def __init__(self, items, source, batch_size, rank=0, world=1, seed=0, caption_dropout=0.1,
-                 verbose=True):
+    def __init__(self, items, source, batch_size, rank=0, world=1, seed=0, caption_dropout=0.1, verbose=True):
+
         assert items, "no images to train on"
         assert 0 <= rank < world, (rank, world)
         self.items, self.source, self.batch_size, self.rank, self.world = list(items), source, batch_size, rank, world
@@ -371,8 +326,14 @@ class Loader:
         self.epoch, self.position = 0, 0
         self.gen = torch.Generator().manual_seed(seed)
         self._plan = (None, None)
-        if rank == 0 and verbose:
-            print_bucket_histogram(self.items, self.global_batch)
+        if rank == 0 and verbose:  # the bucket histogram
+            counts = Counter(it.bucket for it in self.items)
+            top, G = max(counts.values()), self.global_batch
+            print(f"buckets: {len(self.items)} images in {len(counts)} buckets")
+            for h, w in sorted(counts, key=lambda b: b[0] / b[1]):
+                n = counts[h, w]
+                note = f"  (< global batch {G}: repeats within the bucket)" if n < G else ""
+                print(f"  {h:5d}x{w:<5d} aspect {w / h:4.2f} {n:7d} {'#' * max(1, round(40 * n / top))}{note}")
             print(f"loader: {len(self)} batches of {self.global_batch} (= {batch_size} per rank x {world}) per epoch")
 
     def plan(self, epoch):
@@ -398,12 +359,11 @@ class Loader:
         if self.position >= len(batches):
             self.epoch, self.position = self.epoch + 1, 0
             batches = self.plan(self.epoch)
-        G, B, r = self.global_batch, self.batch_size, self.rank
-        slots = batches[self.position]
-        drop = torch.rand(G, generator=self.gen) < self.caption_dropout  # whole global batch: ranks agree
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        drop = torch.rand(self.global_batch, generator=self.gen) < self.caption_dropout  # all of it: ranks agree
+        items = [self.items[p] for p in batches[self.position][mine]]
         self.position += 1
-        items = [self.items[p] for p in slots[r * B:(r + 1) * B]]
-        return collate(items, self.source, drop[r * B:(r + 1) * B])
+        return collate(items, self.source, drop[mine])
 
     def state_dict(self):
         return {"epoch": self.epoch, "position": self.position, "dropout_rng": self.gen.get_state(),
@@ -418,11 +378,10 @@ class Loader:
 
 
 def prefetch(loader, depth=2, pin_memory=False):
-    """Yields (batch, loader state after it), built on a thread so that reading and stacking the cached tensors
-    overlaps the GPU step; pinned memory makes the copy to the GPU asynchronous. The loader is deterministic and
-    touches only its own generators, so the batches are the same as without the thread. The thread is stopped and
-    joined when the generator is closed or at exit: a thread still inside a torch op while the interpreter shuts
-    down aborts the process ("terminate called without an active exception")."""
+    """Yields (batch, loader state after it), built on a thread that overlaps the GPU step (the same batches: the
+    loader touches only its own generators). The thread is stopped and joined when the generator is closed or at
+    exit: one still inside a torch op at shutdown aborts the process ("terminate called without an active
+    exception")."""
     q, stop = queue.Queue(depth), threading.Event()
 
     def put(item):  # into a full queue: wait, but notice a stop
@@ -441,6 +400,7 @@ def prefetch(loader, depth=2, pin_memory=False):
                 put((batch, loader.state_dict()))
         except Exception as e:  # handed to the training loop, which raises it
             put(e)
+
     def finish():
         stop.set()
         thread.join()

@@ -1,8 +1,7 @@
 """
-Writing files so that nothing a user has is ever half-written: every file goes to a temp file with a unique
-name in the same folder, then os.replace puts it in place (atomic on POSIX). Whatever goes wrong on the way,
-the temp file is removed and the previous file, if any, is untouched. A full disk (or quota, or file-size
-limit) is a UserError that names the file and the space it needed, not a traceback from deep in a writer.
+Writing files so that nothing a user has is ever half-written: each goes to a temp file beside it, then
+os.replace puts it in place (atomic on POSIX); on any failure the previous file is untouched. A full disk (or
+quota, or file-size limit) is a UserError that names the file and the space it needed, not a traceback.
 """
 import contextlib
 import errno
@@ -61,13 +60,13 @@ _TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp", re.DOTALL)  # (DOTALL: a fil
 
 def remove_temps(folder, keep=()):
     """Remove the temp files that atomic_path leaves when its process dies mid-write (kill -9, a power cut):
-    files named .NAME.XXXXXXXX.tmp anywhere under folder, and nothing else (no symlink, no other name). Call it
-    with the folder's lock held (lock()), so that no live run is writing them. Folders in keep (a cache another
-    run may be writing at the same time) and symlinked folders are not entered. Prints and returns what it removed."""
+    regular files named .NAME.XXXXXXXX.tmp under folder, and nothing else. Call it with the folder's lock held, so
+    that no live run is writing them. Folders in keep (a cache another run may be writing) and symlinked folders
+    are not entered. Prints and returns what it removed."""
     keep = {os.path.realpath(k) for k in keep}
-    removed = []
     if os.path.realpath(folder) in keep:
-        return removed
+        return []
+    removed = []
     for root, dirs, names in os.walk(folder):  # (os.walk does not follow symlinked folders)
         dirs[:] = [d for d in dirs if os.path.realpath(os.path.join(root, d)) not in keep]
         for name in names:
@@ -109,8 +108,7 @@ def make_dir(folder, key):
 
 def lock(folder):
     """Take folder/.lock, so that two runs never write the same folder; returns the open file, which holds the
-    lock until this process ends. An flock, so the kernel releases it however the process ends (kill -9
-    included): a dead run never holds it. Raises UserError naming the process that holds it."""
+    lock until this process ends. An flock: the kernel releases it however the process ends (kill -9 included)."""
     import fcntl
     make_dir(folder, "out_dir")
     try:

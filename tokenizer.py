@@ -42,22 +42,15 @@ _SPECIAL_AS_TEXT = {BOS_TOKEN: ["<|", "startoftext", "|>"], EOS_TOKEN: ["<|", "e
 @lru_cache()
 def bytes_to_unicode():
     """utf-8 byte -> printable unicode char (GPT-2/CLIP): printable bytes map to themselves, the rest to 256+n."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    rest = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(rest)}}
 
 
 def clean_text(text):
     """transformers-5 CLIPTokenizer normaliser: NFC, whitespace runs -> one space, lower-case."""
     text = unicodedata.normalize("NFC", text)
-    text = _WHITESPACE.sub(" ", text)  # cosmetic: the pre-split drops whitespace anyway (no str.strip(): its
-    # whitespace includes \x1c-\x1f, see SPLIT_PATTERN)
+    text = _WHITESPACE.sub(" ", text)  # cosmetic: the pre-split drops whitespace (no str.strip(): see SPLIT_PATTERN)
     # Python's lower() turns a word-final capital sigma into final-form "ς"; the tokenizers library lowers
     # char by char (always "σ"). Lower it ourselves first so the ids match.
     return text.replace("Σ", "σ").lower()
@@ -69,8 +62,8 @@ def _byte_encode(piece):
 
 
 def _read_merges(path):
-    """merges.txt -> [(a, b), ...]: the '#version: ...' header line, then one pair per line (transformers' reading:
-    split on whitespace, so CRLF line ends pass). A ValueError names the first line that is not that."""
+    """merges.txt -> [(a, b), ...]: the '#version' header, then one pair per line, split on whitespace as
+    transformers does (CRLF line ends pass). A ValueError names the first line that is not that."""
     with open(path, encoding="utf-8-sig") as f:  # (a BOM before the header: transformers skips that line anyway)
         lines = f.read().split("\n")
     if not lines[0].startswith("#version"):
@@ -88,9 +81,8 @@ def _read_merges(path):
 
 
 def clip_vocab(merges):
-    """The vocabulary CLIP builds from its merges (OpenAI's simple_tokenizer; SDXL's vocab.json is this): the 256
-    byte symbols, the same with '</w>', each merge's result, then the two specials, with ids in that order (a
-    symbol made twice keeps its first id)."""
+    """The vocabulary CLIP builds from its merges (OpenAI's simple_tokenizer; SDXL's vocab.json is this): ids in
+    the order byte symbols, the same with '</w>', each merge's result, the two specials (a repeat keeps its id)."""
     symbols = list(bytes_to_unicode().values())
     symbols += [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [BOS_TOKEN, EOS_TOKEN]
     vocab = {}
@@ -100,10 +92,8 @@ def clip_vocab(merges):
 
 
 def check_vocabulary(vocab, merges):
-    """Why vocab (token -> id, from vocab.json) and merges are not one CLIP vocabulary, or None. Each merge must
-    join symbols that the bytes or earlier merges make (else the file is garbled), and the ids must be
-    clip_vocab(merges) exactly: a merges.txt cut short, a vocab.json of another vocabulary or with ids moved
-    would otherwise give every caption other ids, silently."""
+    """Why vocab (token -> id) and merges are not one CLIP vocabulary, or None: a garbled or cut merges.txt, or a
+    vocab.json of another vocabulary, would otherwise give every caption other ids, silently."""
     if not isinstance(vocab, dict) or not all(isinstance(k, str) and type(v) is int for k, v in vocab.items()):
         return "vocab.json is not an object of token -> integer id"
     made = set(bytes_to_unicode().values())
@@ -138,17 +128,11 @@ def merge_pair(symbols, pair):
 
 
 class CLIPTokenizer:
-    """CLIP BPE tokenizer from a vocab.json + merges.txt pair (the SDXL repo's tokenizer/ folder).
-
-    tok(texts, pad_id=None) -> LongTensor [B, 77]: BOS, tokens, EOS, then pad_id (default EOS). Longer texts
-    are truncated to 75 tokens so position 76 holds EOS; tok(texts, chunks=3) -> [B, 231], three such rows side by
-    side (chunk_words). BOS/EOS ids are read from the vocabulary, so small vocabularies (demo.build_tiny_vocab)
-    work the same way.
-    """
+    """CLIP BPE tokenizer from a vocab.json + merges.txt pair (the SDXL repo's tokenizer/ folder); a UserError if
+    they do not make one vocabulary. BOS/EOS ids are read from the vocabulary, so small vocabularies
+    (demo.build_tiny_vocab) work the same way."""
 
     def __init__(self, vocab_path, merges_path):
-        """A UserError if the two files are unreadable or do not make one vocabulary (check_vocabulary): a
-        damaged vocabulary must stop a run, not give every caption other ids."""
         where = f"tokenizer {os.path.dirname(os.path.abspath(vocab_path))}"
         try:
             with open(vocab_path, encoding="utf-8") as f:
@@ -175,16 +159,11 @@ class CLIPTokenizer:
     def bpe(self, word):
         """Byte-level word (str) -> list of BPE symbols, the last one ending in '</w>' (CLIP's algorithm)."""
         symbols = list(word[:-1]) + [word[-1] + "</w>"]
-        ranks = self.ranks
         while len(symbols) > 1:
-            best, best_rank = None, None
-            for pair in zip(symbols, symbols[1:]):
-                r = ranks.get(pair)
-                if r is not None and (best_rank is None or r < best_rank):
-                    best, best_rank = pair, r
-            if best is None:
+            ranked = [(self.ranks[pair], pair) for pair in zip(symbols, symbols[1:]) if pair in self.ranks]
+            if not ranked:
                 break
-            symbols = merge_pair(symbols, best)
+            symbols = merge_pair(symbols, min(ranked)[1])  # the pair merged earliest in training
         return symbols
 
     def piece_ids(self, piece):
@@ -200,18 +179,11 @@ class CLIPTokenizer:
 
     def encode(self, text):
         """text -> token ids, without BOS/EOS and without truncation."""
-        ids = []
-        for k, part in enumerate(_SPECIALS.split(text)):
-            if k % 2:  # a special token, written literally in the prompt
-                ids.append(self.vocab[part])
-                continue
-            for piece in SPLIT_PATTERN.findall(clean_text(part)):
-                ids.extend(self.piece_ids(piece))
-        return ids
+        return [i for word in self.encode_words(text) for i in word]
 
     def encode_words(self, text):
-        """text -> token ids grouped by whitespace-separated word, [[ids of word 1], [ids of word 2], ...]; their
-        concatenation is encode(text). The long-prompt layout keeps a short word in one chunk (chunk_words)."""
+        """text -> token ids grouped by whitespace-separated word, [[ids of word 1], [ids of word 2], ...]: the
+        long-prompt layout keeps a short word in one chunk (chunk_words)."""
         words, gap = [], True  # gap: whitespace (or the start) since the last piece
 
         def add(ids):
@@ -222,7 +194,7 @@ class CLIPTokenizer:
             words[-1].extend(ids)
 
         for k, part in enumerate(_SPECIALS.split(text)):
-            if k % 2:
+            if k % 2:  # a special token, written literally in the prompt
                 add([self.vocab[part]])
                 continue
             part, end = clean_text(part), 0
@@ -234,19 +206,15 @@ class CLIPTokenizer:
         return words
 
     def __call__(self, texts, pad_id=None, length=CONTEXT_LENGTH, chunks=1):
-        """chunks > 1: each text as `chunks` sequences of `length` positions, side by side ([B, chunks * length]),
-        laid out by chunk_words (the long-prompt layout, docs/sdxl_format.md §8); chunks=1 truncates."""
+        """-> LongTensor [B, chunks * length]: per chunk BOS, tokens, EOS, then pad_id (default EOS), laid out by
+        chunk_words (the long-prompt layout, docs/sdxl_format.md §8); chunks=1 truncates to length - 2 tokens."""
         if isinstance(texts, str):
             texts = [texts]
         pad = self.eos if pad_id is None else pad_id
         rows = []
         for text in texts:
-            if chunks == 1:
-                parts = [self.encode(text)[: length - 2]]
-            else:
-                parts = chunk_words(self.encode_words(text), chunks, length - 2)
             row = []
-            for part in parts:
+            for part in chunk_words(self.encode_words(text), chunks, length - 2):
                 ids = [self.bos] + part + [self.eos]
                 row += ids + [pad] * (length - len(ids))
             rows.append(row)
@@ -298,10 +266,9 @@ def context_positions(max_token_length):
 
 def chunk_words(words, chunks, size=CONTEXT_LENGTH - 2):
     """Word token groups (CLIPTokenizer.encode_words) -> `chunks` lists of at most `size` ids each, the layout
-    ComfyUI samples with (comfy/sd1_clip.py): words fill a chunk in order; a word that does not fit in what is left
-    of it starts the next chunk whole when it has fewer than MAX_WORD_TOKENS tokens, and is cut across the two
-    otherwise. The last chunk is cut where it is full (the caption is truncated there, as one 77-position row is).
-    Chunks after the caption's last word stay empty. chunks=1 is plain truncation to `size` tokens."""
+    ComfyUI samples with (comfy/sd1_clip.py): a word that does not fit in what is left of a chunk starts the next
+    one whole when it has fewer than MAX_WORD_TOKENS tokens, else is cut across the two; the last chunk truncates.
+    chunks=1 is plain truncation to `size` tokens."""
     out = [[]]
     for word in words:
         long = len(word) >= MAX_WORD_TOKENS  # decided once per word, as ComfyUI does
@@ -322,7 +289,6 @@ def chunk_words(words, chunks, size=CONTEXT_LENGTH - 2):
 
 def tokenize(tok, captions, pad2=0, max_token_length=75):
     """(ids for te1 padded with EOS, ids for te2 padded with pad2 = 0, "!", as SDXL's tokenizer_2 does), each
-    [B, 77 n] with n = max_token_length / 75: n chunks of BOS, up to 75 tokens, EOS, pads (chunk_words); a chunk
-    the caption does not reach is BOS, EOS, pads, the empty caption's chunk. 75 is SDXL's single 77-token row."""
+    [B, 77 n] with n = max_token_length / 75 chunks; a chunk the caption does not reach is the empty caption's."""
     n = token_chunks(max_token_length)
     return tok(captions, chunks=n), tok(captions, pad_id=pad2, chunks=n)
