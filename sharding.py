@@ -31,7 +31,6 @@ def shard(unet, compute_dtype=None):
     for block in blocks(unet):
         fully_shard(block, mp_policy=mp)
     fully_shard(unet, mp_policy=mp)
-    return unet
 
 
 def full(t):
