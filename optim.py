@@ -27,14 +27,11 @@ CHUNK_CUDA, CHUNK_CPU = 1 << 26, 1 << 20  # elements per kernel call (CPU: tempo
 
 
 class FlatAdamW8bit(torch.optim.Optimizer):
-    """bitsandbytes' AdamW8bit (its kernels, quantisation maps, block size and 8/32-bit split: the same numbers)
-    over one flat buffer per (param group, 8/32-bit state) instead of tensor by tensor: bnb's 1680 per-tensor calls,
-    each followed by a device sync, took 97 ms of a 426 ms batch-4 step on an H200 (docs/maths.md §8).
-    Parameters and grads become views that start on 256-element block boundaries, so the blockwise quantisation
-    sees the blocks it sees per tensor, and keep their memory format (bnb's own step makes channels_last weights
-    contiguous). bf16 weights are updated in fp32 a chunk at a time and written back with stochastic rounding.
-    Under FSDP each process steps the buffers of its own shards; FSDP owns their storage, so the parameter buffer
-    is a copy, refreshed before and written back after each step (block boundaries: docs/scaling.md §3).
+    """bitsandbytes' AdamW8bit (the same kernels and numbers) over one flat buffer per (param group, 8/32-bit state)
+    instead of 1680 per-tensor calls, each followed by a device sync (docs/maths.md §8). Parameters and grads become
+    views on 256-element block boundaries (the blocks bnb forms per tensor) that keep their memory format; bf16
+    weights are updated in fp32 a chunk at a time and stochastically rounded. Under FSDP the parameter buffer is a
+    copy of this process's shards, refreshed before and written back after each step (docs/scaling.md §3).
     Contract: build it after the model's last .to(); parameters that get no gradient see a zero one (Adam's
     momentum still moves them; bnb would skip them); a grad replaced by assignment is copied into the buffer."""
 
@@ -88,9 +85,8 @@ class FlatAdamW8bit(torch.optim.Optimizer):
 
     @torch.no_grad()
     def grad_norm(self):
-        """The global L2 norm of all grads (summed over processes under FSDP), a 0-d fp32 device tensor, no host
-        sync. A norm of fp32 row norms: one running sum over a buffer is 1.8e-2 low at 158M elements on CPU
-        (docs/performance.md §5)."""
+        """The global L2 norm of all grads (over all processes under FSDP), a 0-d fp32 device tensor, no host sync;
+        a norm of fp32 row norms: one sum over a buffer is 1.8e-2 low at 158M elements (docs/performance.md §5)."""
         sq = torch.zeros((), device=self.qmap1.device)
         for buf in self.buffers:
             self._check(buf)

@@ -133,9 +133,6 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-# -----------------------------------------------------------------------------
-# writing and restoring
-
 def _shard_tensors(unet, opt, ema, rank):
     """The tensors of the FSDP resume state, each rank's shards (DCP writes and reads them in parallel): the
     UNet's, the optimizer's (adamw8bit's flat buffers under this rank's own key) and the EMA's."""

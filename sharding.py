@@ -100,12 +100,6 @@ def _errno_kept(write, *args, **kwargs):
         raise
 
 
-def _no_room(e):
-    """True if e, or what any rank's DCP failure (a CheckpointException's failures) came from, is a lack of space."""
-    failures = getattr(e, "failures", None) or {}
-    return files.no_room(e) or any(files.no_room(f[0] if isinstance(f, tuple) else f) for f in failures.values())
-
-
 def _nbytes(tree):
     """Bytes of this rank's part of the tensors in a nested dict."""
     if isinstance(tree, dict):
@@ -130,7 +124,8 @@ def save_sharded(folder, tensors, plain, master):
     except BaseException as e:  # (DCP's own CheckpointException is a BaseException)
         if master:
             shutil.rmtree(new, ignore_errors=True)
-        if _no_room(e):
+        failures = getattr(e, "failures", None) or {}  # a CheckpointException's: what each rank's failure came from
+        if files.no_room(e) or any(files.no_room(f[0] if isinstance(f, tuple) else f) for f in failures.values()):
             free = shutil.disk_usage(os.path.dirname(os.path.abspath(folder))).free / 2**30
             need = _nbytes(tensors) / 2**30
             raise UserError(f"no space left writing {folder}/: this process's shards need {need:.2f} GiB, {free:.2f} "
