@@ -4,8 +4,7 @@ in the chosen scope, and the few collectives the training loop needs, behind one
 `if sharded` branches. --parallel=ddp: a whole UNet per process (DistributedDataParallel); fsdp: weights, grads
 and optimizer state sharded per UNet block (torch's FSDP2, sharding.py, docs/scaling.md).
 --compile_scope (docs/performance.md §6): unet, the whole UNet one fullgraph per input shape (aspect bucket);
-blocks, each ResBlock and TransformerBlock compiled on its own, instances of one shape sharing Dynamo's traced
-code, so the cold first step traces a few small graphs instead of one huge one; the glue between them runs eagerly.
+blocks, each ResBlock and TransformerBlock on its own: a few small graphs instead of one huge one, glue eager.
 """
 import datetime
 import os
@@ -67,13 +66,11 @@ class Procs:
             if device.startswith("cuda"):
                 self.device = f"cuda:{self.local_rank}"
                 torch.cuda.set_device(self.device)
-            # ranks also wait for each other while one makes the demo's data or encodes its share of the cache,
-            # which can take hours: those waits use a CPU group of their own with a long timeout, not the
-            # training group's minutes (the hang-up of diffusers issue #7960)
+            # waits for another rank's slow setup (the demo's data, its share of the cache: hours) use a CPU group
+            # with a long timeout, not the training group's minutes (the hang-up of diffusers issue #7960)
             self.slow_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
         self.master = self.rank == 0
-        # the held-out eval, previews and export are rank 0's, but under fsdp every rank holds shards the
-        # forward needs, so every rank joins
+        # eval, previews and export are rank 0's, but under fsdp every rank holds shards the forward needs
         self.joins_forward = self.master or self.sharded
 
     def wait(self):
