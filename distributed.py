@@ -1,17 +1,10 @@
 """
 One process or many: the process group torchrun asks for, the UNet prepared for the parallel layout and compiled
-in the chosen scope, and the few collectives the training loop needs. Everything the loop does differently under
---parallel=fsdp (docs/scaling.md) is decided here, behind one object, so train.py has no `if sharded` branches.
-
-- ddp: a whole UNet per process (torch's DistributedDataParallel), gradients all-reduced in backward;
-- fsdp: weights, grads and optimizer state sharded per UNet block (torch's FSDP2, sharding.py).
-
-Compilation (docs/performance.md §6), --compile_scope:
-- unet: the whole UNet is one fullgraph per input shape (one per aspect bucket);
-- blocks: each ResBlock and TransformerBlock is compiled on its own ("regional compilation"). SDXL's UNet is
-  ~90 instances of these two types; instances of one shape share Dynamo's traced code, so the cold first step
-  traces a few small graphs instead of one huge one. The glue between them (convs, up/downsampling, norms,
-  the embeddings) runs eagerly.
+in the chosen scope, and the few collectives the training loop needs, behind one object so that train.py has no
+`if sharded` branches. --parallel=ddp: a whole UNet per process (DistributedDataParallel); fsdp: weights, grads
+and optimizer state sharded per UNet block (torch's FSDP2, sharding.py, docs/scaling.md).
+--compile_scope (docs/performance.md §6): unet, the whole UNet one fullgraph per input shape (aspect bucket);
+blocks, each ResBlock and TransformerBlock on its own: a few small graphs instead of one huge one, glue eager.
 """
 import datetime
 import os
@@ -27,18 +20,15 @@ import sharding
 SCOPES = ("unet", "blocks")
 
 
-def compiled_units(unet, scope):
-    """The modules compiled on their own under `scope`: the UNet itself, or its repeated blocks."""
-    if scope == "unet":
-        return [unet]
+def compiled_units(unet):
+    """The repeated blocks that --compile_scope=blocks compiles on their own."""
     return [m for m in unet.modules() if isinstance(m, (model.ResBlock, model.TransformerBlock))]
 
 
 def _make_room(n_units, n_shapes):
     """Inductor specialises the latent size (mark_dynamic on h, w fails with a ConstraintViolationError), so each
-    bucket is its own static graph of each compiled unit. Dynamo allows 8 graphs per function by default and,
-    under fullgraph=True, the 9th would stop the run with FailOnRecompileLimitHit hours in: make room for all of
-    them (every compiled unit at every bucket)."""
+    bucket is a static graph of each compiled unit. Dynamo allows 8 graphs per function and, under fullgraph=True,
+    the 9th would stop the run with FailOnRecompileLimitHit hours in: make room for all of them."""
     torch._dynamo.config.automatic_dynamic_shapes = False
     graphs = (n_shapes + 2) * n_units
     torch._dynamo.config.recompile_limit = max(8, graphs)
@@ -46,13 +36,12 @@ def _make_room(n_units, n_shapes):
 
 
 def compile_unet(unet, scope, n_shapes, **kwargs):
-    """torch.compile the UNet for training on n_shapes input shapes (one per bucket). Returns what to call: a
-    compiled wrapper (scope unet) or the UNet itself with its blocks compiled in place (scope blocks); the state
-    dict keys never change. kwargs: torch.compile's (fullgraph, backend, mode)."""
+    """torch.compile the UNet for n_shapes input shapes (kwargs: fullgraph, backend, mode). Returns what to call: a
+    compiled wrapper (scope unet) or the UNet itself with its blocks compiled in place (scope blocks)."""
     if scope == "unet":
         _make_room(1, n_shapes)
         return torch.compile(unet, **kwargs)
-    _compile_each(compiled_units(unet, scope), n_shapes, kwargs)
+    _compile_each(compiled_units(unet), n_shapes, kwargs)
     return unet
 
 
@@ -77,13 +66,11 @@ class Procs:
             if device.startswith("cuda"):
                 self.device = f"cuda:{self.local_rank}"
                 torch.cuda.set_device(self.device)
-            # ranks also wait for each other while one makes the demo's data or encodes its share of the cache,
-            # which can take hours: those waits use a CPU group of their own with a long timeout, not the
-            # training group's minutes (the hang-up of diffusers issue #7960)
+            # waits for another rank's slow setup (the demo's data, its share of the cache: hours) use a CPU group
+            # with a long timeout, not the training group's minutes (the hang-up of diffusers issue #7960)
             self.slow_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
         self.master = self.rank == 0
-        # the held-out eval, previews and export are rank 0's, but under fsdp every rank holds shards the
-        # forward needs, so every rank joins
+        # eval, previews and export are rank 0's, but under fsdp every rank holds shards the forward needs
         self.joins_forward = self.master or self.sharded
 
     def wait(self):
@@ -92,19 +79,17 @@ class Procs:
             dist.barrier(group=self.slow_group)
 
     def prepare(self, unet, compute_dtype, compile_kwargs, scope, n_shapes):
-        """Before the optimizer is built (it steps the shards): fsdp shards the UNet per block and compiles in
-        place (a whole-UNet fullgraph cannot trace FSDP's hooks, so scope unet compiles each FSDP block instead);
-        ddp leaves it whole (NHWC on a GPU: cuDNN's fast convolutions; FSDP shards contiguous weights only, its
-        activations are NHWC all the same). compute_dtype: the dtype fsdp gathers blocks in (bf16 halves the
-        all-gathers)."""
-        if self.device.startswith("cuda") and not self.sharded:
-            unet.to(memory_format=torch.channels_last)
-        if self.sharded:
-            sharding.shard(unet, compute_dtype)
-            if compile_kwargs is not None:
-                units = sharding.blocks(unet) if scope == "unet" else compiled_units(unet, scope)
-                _compile_each(units, n_shapes, compile_kwargs)
-        return unet
+        """Before the optimizer is built (it steps the shards). ddp leaves the UNet whole (NHWC on a GPU: cuDNN's
+        fast convolutions; FSDP shards contiguous weights only). fsdp shards it, gathered in compute_dtype, and
+        compiles in place: a whole-UNet fullgraph cannot trace FSDP's hooks, so scope unet compiles each FSDP block."""
+        if not self.sharded:
+            if self.device.startswith("cuda"):
+                unet.to(memory_format=torch.channels_last)
+            return
+        sharding.shard(unet, compute_dtype)
+        if compile_kwargs is not None:
+            units = sharding.blocks(unet) if scope == "unet" else compiled_units(unet)
+            _compile_each(units, n_shapes, compile_kwargs)
 
     def wrap(self, unet, compile_kwargs, scope, n_shapes):
         """After the optimizer and the resume: what the loop calls. ddp: compiled and/or DDP-wrapped; fsdp: the

@@ -1,11 +1,7 @@
 """
-The optimizers, as nanoGPT's configure_optimizers: train.py and bench.py build them the same way.
-
-    opt = configure_optimizer(unet.parameters(), "adamw8bit", lr, betas, eps, weight_decay)   # after the last .to()
-
-FlatAdamW8bit is bitsandbytes' 8-bit AdamW (Dettmers et al. 2022, arXiv 2110.02861) run over a few flat buffers
-instead of once per tensor, bitwise equal to bnb.optim.AdamW8bit; docs/maths.md §8 explains the layout, §7 the
-stochastic rounding that keeps sub-ulp updates of pure-bf16 weights.
+The optimizers, built as nanoGPT's configure_optimizers (train.py and bench.py alike), and the EMA.
+FlatAdamW8bit is bitsandbytes' 8-bit AdamW (Dettmers et al. 2022, arXiv 2110.02861) over a few flat buffers, bitwise
+equal to bnb.optim.AdamW8bit; docs/maths.md §8 explains the layout, §7 the stochastic rounding of bf16 weights.
 """
 import contextlib
 import logging
@@ -31,34 +27,21 @@ CHUNK_CUDA, CHUNK_CPU = 1 << 26, 1 << 20  # elements per kernel call (CPU: tempo
 
 
 class FlatAdamW8bit(torch.optim.Optimizer):
-    """bitsandbytes' AdamW8bit: its own update kernels, quantisation maps, block size and 8/32-bit split, the
-    same numbers as bnb.optim.AdamW8bit, but run over a few flat buffers instead of once per tensor.
-
-    Why: bnb steps tensor by tensor (1680 on the SDXL UNet), each a Python call, a custom-op dispatch and a
-    kernel launch, and it synchronises the device after each one; on an H200 that step took 97 ms of a
-    426 ms batch-4 step. Here every parameter and its grad become
-    views into one buffer per (param group, 8/32-bit state), each tensor starting on a 256-element block
-    boundary, so the blockwise quantisation sees exactly the blocks it sees per tensor (the zero padding
-    leaves every absmax alone) and one kernel call updates a whole buffer.
-    Also: (1) views keep each parameter's memory format (channels_last conv weights stay NHWC; bnb's own
-    update_step makes them contiguous, which breaks a UNet compiled for channels_last); (2) bf16 weights keep
-    sub-ulp updates (docs/maths.md §7): the update runs in fp32 on a chunk copy and is written back with stochastic
-    rounding, one chunk at a time instead of fp32 master weights.
-    Under FSDP (parameters are DTensors) each process runs the same kernels over the flat buffers of its own
-    shards. FSDP owns the shards' storage, so the parameter buffer is a copy, refreshed before and written back
-    after each step, and the grads are DTensors over views of the grad buffer that FSDP reduces into. A shard
-    starts on a block boundary of its buffer but not, in general, on one of its parameter, so its blocks (and
-    absmax values) differ from the one-process run: docs/scaling.md §3 says how much that changes.
+    """bitsandbytes' AdamW8bit (the same kernels and numbers) over one flat buffer per (param group, 8/32-bit state)
+    instead of 1680 per-tensor calls, each followed by a device sync (docs/maths.md §8). Parameters and grads become
+    views on 256-element block boundaries (the blocks bnb forms per tensor) that keep their memory format; bf16
+    weights are updated in fp32 a chunk at a time and stochastically rounded. Under FSDP the parameter buffer is a
+    copy of this process's shards, refreshed before and written back after each step (docs/scaling.md §3).
     Contract: build it after the model's last .to(); parameters that get no gradient see a zero one (Adam's
     momentum still moves them; bnb would skip them); a grad replaced by assignment is copied into the buffer."""
 
-    def __init__(self, groups, lr=1e-5, betas=(0.9, 0.95), eps=1e-8, seed=0, chunk=0):
+    def __init__(self, groups, lr=1e-5, betas=(0.9, 0.95), eps=1e-8, seed=0):
         # on CPU, bitsandbytes warns at import that its 4-bit matmul kernels are missing; nothing here uses them
         logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
         import bitsandbytes.functional as bnbF
         super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, weight_decay=0.0))
-        self.bnbF, self.seed, self.chunk, self.n_steps, self.sr_gen = bnbF, seed, chunk, 0, None
-        assert chunk % BNB_BLOCK == 0, "chunks (elements per kernel call; 0 = by device) are whole 256-blocks"
+        self.bnbF, self.seed, self.n_steps, self.sr_gen = bnbF, seed, 0, None
+        self.chunk = 0  # elements per kernel call, whole 256-blocks; 0: CHUNK_CUDA or CHUNK_CPU by device
         self.buffers = [self._flatten(gi, ps, eight) for gi, group in enumerate(self.param_groups)
                         for eight in (True, False)
                         if (ps := [p for p in group["params"] if (p.numel() >= BNB_MIN_8BIT) == eight])]
@@ -80,11 +63,9 @@ class FlatAdamW8bit(torch.optim.Optimizer):
         flat_p, flat_g = torch.zeros(n, dtype=dt, device=dev), torch.zeros(n, dtype=dt, device=dev)
         views = [flat_p.as_strided(t.shape, t.stride(), o).copy_(t) for t, o in zip(shards, offsets)]
         for p, t, o, view in zip(ps, shards, offsets, views):
-            g = flat_g.as_strided(t.shape, t.stride(), o)
-            if sharded:  # a DTensor over the view: FSDP's reduce-scatter adds into it
-                p.grad = like(p, g)
-            else:  # the parameter itself moves into the buffer (its old storage is freed)
-                p.data, p.grad = view, g
+            if not sharded:  # the parameter itself moves into the buffer (its old storage is freed)
+                p.data = view
+            p.grad = like(p, flat_g.as_strided(t.shape, t.stride(), o))  # FSDP's reduce-scatter adds into a DTensor
         buf = {"group": gi, "p": flat_p, "g": flat_g, "params": ps, "grads": [p.grad for p in ps], "sharded": sharded,
                "views": views, "ptrs": [p.data_ptr() for p in ps]}
         state = torch.uint8 if eight else torch.float32  # the 8-bit state carries one fp32 absmax per block
@@ -104,11 +85,8 @@ class FlatAdamW8bit(torch.optim.Optimizer):
 
     @torch.no_grad()
     def grad_norm(self):
-        """The global L2 norm of all grads, a 0-d fp32 tensor on the device (no host sync): the clip factor
-        that step(gnorm_scale=...) applies is computed from it. Each flat buffer's norm is a norm of row norms in
-        fp32: one running sum over a whole buffer is 1.8e-2 low at 158M elements on CPU (docs/performance.md §5).
-        The zero padding adds nothing. Under FSDP the buffers hold this process's shards, so the squares are
-        summed over processes."""
+        """The global L2 norm of all grads (over all processes under FSDP), a 0-d fp32 device tensor, no host sync;
+        a norm of fp32 row norms: one sum over a buffer is 1.8e-2 low at 158M elements (docs/performance.md §5)."""
         sq = torch.zeros((), device=self.qmap1.device)
         for buf in self.buffers:
             self._check(buf)
@@ -120,8 +98,9 @@ class FlatAdamW8bit(torch.optim.Optimizer):
             torch.distributed.all_reduce(sq)
         return sq.sqrt()
 
-    def _update(self, buf, group, p, g, lo, hi, gnorm_scale):
+    def _update(self, buf, p, g, lo, hi, gnorm_scale):
         """One bitsandbytes kernel call over elements [lo, hi) of a buffer (p, g: those elements)."""
+        group = self.param_groups[buf["group"]]
         beta1, beta2 = group["betas"]
         s1, s2 = buf["state1"][lo:hi], buf["state2"][lo:hi]
         if "absmax1" in buf:  # lo, hi are block aligned
@@ -135,14 +114,13 @@ class FlatAdamW8bit(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None, gnorm_scale=1.0):
-        """gnorm_scale: a factor the update kernels apply to every grad as they read it (the grad-clip factor,
-        from grad_norm()), which spares clip_grad_norm_'s pass over the grads. A Python float: bitsandbytes' op
-        takes a float, and a device tensor would cost a host sync of its own."""
+        """gnorm_scale: the grad-clip factor (from grad_norm()), applied by the kernels as they read each grad. A
+        Python float: bitsandbytes' op takes a float, and a device tensor would cost a host sync of its own."""
         assert closure is None, "no closure"
         self.n_steps += 1
         for buf in self.buffers:
             self._check(buf)
-            group, p, g = self.param_groups[buf["group"]], buf["p"], buf["g"]
+            p, g = buf["p"], buf["g"]
             if p.dtype == torch.bfloat16 and self.sr_gen is None:
                 self.sr_gen = torch.Generator(device=p.device).manual_seed(self.seed)
             chunk = self.chunk or (CHUNK_CUDA if p.is_cuda else CHUNK_CPU)
@@ -150,12 +128,12 @@ class FlatAdamW8bit(torch.optim.Optimizer):
                 torch._foreach_copy_(buf["views"], [q.to_local() for q in buf["params"]])
             for lo in range(0, p.numel(), chunk):
                 hi = min(p.numel(), lo + chunk)
-                if p.dtype != torch.bfloat16:
-                    self._update(buf, group, p[lo:hi], g[lo:hi], lo, hi, gnorm_scale)
-                    continue
-                q = p[lo:hi].float()
-                self._update(buf, group, q, g[lo:hi].float(), lo, hi, gnorm_scale)
-                p[lo:hi] = stochastic_round_bf16(q, self.sr_gen)
+                if p.dtype == torch.bfloat16:  # the update in fp32 on a copy, written back stochastically rounded
+                    q = p[lo:hi].float()
+                    self._update(buf, q, g[lo:hi].float(), lo, hi, gnorm_scale)
+                    p[lo:hi] = stochastic_round_bf16(q, self.sr_gen)
+                else:
+                    self._update(buf, p[lo:hi], g[lo:hi], lo, hi, gnorm_scale)
             if buf["sharded"]:
                 torch._foreach_copy_([q.to_local() for q in buf["params"]], buf["views"])
 
@@ -226,10 +204,8 @@ OPTIMIZERS = ("adamw8bit", "adamw", "adafactor")
 
 def configure_optimizer(params, name="adamw8bit", lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01,
                         fused=False, seed=0):
-    """Decoupled weight decay on >= 2-D tensors (matmul/conv weights) only, as nanoGPT.
-    adamw8bit: bitsandbytes' 8-bit AdamW on flat buffers (FlatAdamW8bit: parameters and grads become views,
-    so build it after the model's last .to()), stochastic rounding for bf16 weights;
-    adamw: torch (fused on CUDA); adafactor: torch's Adafactor, also on FSDP shards (no betas)."""
+    """Decoupled weight decay on >= 2-D tensors (matmul/conv weights) only, as nanoGPT. adamw8bit: FlatAdamW8bit
+    (build it after the model's last .to()); adamw: torch's; adafactor: torch's, also on FSDP shards (no betas)."""
     params = [p for p in params if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -243,10 +219,8 @@ def configure_optimizer(params, name="adamw8bit", lr=1e-5, betas=(0.9, 0.95), ep
 
 
 def clip_factor(opt, params, max_norm):
-    """(the global grad norm, the clip factor still to apply), both 0-d tensors on the device, no host sync.
-    FlatAdamW8bit applies the factor as its kernels read the grads (step(gnorm_scale=...)), so nothing is written
-    here; the other optimizers' grads are clipped in place (clip_grad_norm_) and their factor is 1. Under FSDP the
-    norm is over every process's shards."""
+    """(the global grad norm, the clip factor still to apply), 0-d device tensors, no host sync. FlatAdamW8bit
+    applies the factor in its step(gnorm_scale=...); the others' grads are clipped here and their factor is 1."""
     if isinstance(opt, FlatAdamW8bit):
         gnorm = opt.grad_norm()
         return gnorm, (max_norm / (gnorm + 1e-6)).clamp(max=1.0)  # clip_grad_norm_'s factor
@@ -255,10 +229,8 @@ def clip_factor(opt, params, max_norm):
 
 
 class EMA:
-    """An exponential moving average of the weights (Polyak & Juditsky 1992), kept in fp32 on `device` (the
-    training device, or the CPU to spare its memory), sharded like the weights under FSDP (each process
-    averages its own shards). update() does ema = decay * ema + (1 - decay) * w; it starts from the weights it
-    is built with."""
+    """An exponential moving average of the weights (Polyak & Juditsky 1992) from the weights it is built with, in
+    fp32 on `device` (the training device, or the CPU to spare its memory); under FSDP, of this process's shards."""
 
     def __init__(self, named_params, decay, device):
         self.names, self.params = zip(*named_params)

@@ -1,7 +1,6 @@
 """
-The cost model of the UNet training step: model FLOPs per image, counted at the real shape, and the dense bf16
-peak of the GPUs we know, for MFU (docs/performance.md §1); and the commit a measurement ran. train.py and
-bench.py both use it.
+The cost model of the UNet training step for MFU (docs/performance.md §1): model FLOPs per image, counted at the
+real shape, and the dense bf16 peak of the GPUs we know; and the commit a measurement ran.
 """
 import os
 import subprocess
@@ -20,17 +19,15 @@ def peak_tflops(device_name):
     return next((v for key, v in PEAK_TFLOPS.items() if key in device_name), 0.0)
 
 
-def unet_flops(cfg, h, w, batch=1, context_len=77):
-    """Model FLOPs of one forward + backward of the UNet on `batch` latents of (h, w) with a context of context_len
+def unet_flops(cfg, h, w, context_len=77):
+    """Model FLOPs of one forward + backward of the UNet on one latent of (h, w) with a context of context_len
     positions (77 n for max_token_length = 75 n), without checkpointing (recomputation is not credited). Counted
     on the meta device, so nothing is allocated, and RNG-neutral, so counting mid-run leaves an exact resume exact."""
     from torch.utils.flop_counter import FlopCounterMode
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
         net = UNet(cfg)
-        x = torch.randn(batch, cfg.in_channels, h, w)
-        context = torch.randn(batch, context_len, cfg.context_dim)
-        y = torch.randn(batch, cfg.adm_in_channels)
-        t = torch.zeros(batch, dtype=torch.long)
+        x, context = torch.randn(1, cfg.in_channels, h, w), torch.randn(1, context_len, cfg.context_dim)
+        y, t = torch.randn(1, cfg.adm_in_channels), torch.zeros(1, dtype=torch.long)
         with FlopCounterMode(display=False) as counter:
             net(x, t, context, y).sum().backward()
     return counter.get_total_flops()

@@ -1,13 +1,9 @@
 """
 The resume state: everything a bit-exact continuation of a run needs, written every ckpt_interval steps, at the
-end and on SIGINT/SIGTERM, and read by --init_from=resume.
-
-- --parallel=ddp (and one process): out_dir/ckpt.pt, one file: the UNet, the optimizer state, the EMA, and the
-  plain values (iteration, config, every rank's RNG and loader state).
-- --parallel=fsdp: out_dir/ckpt/, a DCP folder (sharding.py): each rank writes and reads its own shards; the plain
-  values go to ckpt/run.pt.
-Both are read with torch.load(weights_only=True) (plain containers and tensors, never code) and written
-atomically: a crash at any moment leaves the previous state whole.
+end and on SIGINT/SIGTERM, and read by --init_from=resume. --parallel=ddp (and one process): out_dir/ckpt.pt, one
+file (UNet, optimizer, EMA, and the plain values: iteration, config, every rank's RNG and loader state); fsdp:
+out_dir/ckpt/, a DCP folder of each rank's shards (sharding.py) with the plain values in ckpt/run.pt. Both are read
+with torch.load(weights_only=True) and written atomically: a crash at any moment leaves the previous state whole.
 """
 import os
 import random
@@ -33,7 +29,8 @@ def read(out_dir, sharded):
         sharding.recover(path)
     if not os.path.exists(path):
         other = ckpt_path(out_dir, not sharded)
-        hint = f" ({other} is there: resume with --parallel={'ddp' if sharded else 'fsdp'})" if os.path.exists(other) else ""
+        flag = "ddp" if sharded else "fsdp"
+        hint = f" ({other} is there: resume with --parallel={flag})" if os.path.exists(other) else ""
         raise UserFileNotFound(f"--init_from=resume: there is no {path} to resume from{hint}")
     try:  # weights_only: plain containers and tensors, never code (a planted pickle fails here)
         if sharded:  # the plain values; the shards are read once the UNet is sharded
@@ -47,9 +44,8 @@ def read(out_dir, sharded):
     return ckpt
 
 
-# the keys that define what a run trains: a resume must keep them (the others, such as lr and its schedule,
-# max_iters, intervals and logging, may change, and the change is printed)
-# (the optimizer too: check() names it with the state the file holds)
+# the keys that define what a run trains: a resume must keep them, and the optimizer (check() names it); the others,
+# such as lr and its schedule, max_iters, intervals and logging, may change, and the change is printed
 IDENTITY = ("prediction", "beta_start", "beta_end", "zsnr", "weighting", "k", "gamma", "precision", "dtype",
             "max_token_length", "ema_decay", "ema_interval", "seed", "resolution", "bucket_step", "crop", "flip",
             "caption_dropout", "cache_dtype", "weight_decay", "adam_eps")
@@ -121,8 +117,8 @@ def rank_state(ckpt, procs):
 
 def rng_state(device):
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
-             "torch": torch.get_rng_state()}
+    numpy = (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)
+    state = {"python": random.getstate(), "numpy": numpy, "torch": torch.get_rng_state()}
     if device.startswith("cuda"):
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
@@ -136,9 +132,6 @@ def set_rng_state(state, device):
     if device.startswith("cuda") and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
 
-
-# -----------------------------------------------------------------------------
-# writing and restoring
 
 def _shard_tensors(unet, opt, ema, rank):
     """The tensors of the FSDP resume state, each rank's shards (DCP writes and reads them in parallel): the
@@ -188,8 +181,8 @@ def restore(ckpt, path, procs, unet, opt, ema, optimizer):
         try:
             opt.load_state_dict(ckpt["optimizer"])
         except (ValueError, KeyError) as e:  # another optimizer, or another parameter set: one line, nothing written
-            raise UserError(f"cannot resume the {optimizer} optimizer from {path}: its saved state is another optimizer's or "
-                            f"for other parameters ({e!r})") from None
+            raise UserError(f"cannot resume the {optimizer} optimizer from {path}: its saved state is another "
+                            f"optimizer's or for other parameters ({e!r})") from None
         if ema and "ema" in ckpt:
             for s, name in zip(ema.shadow, ema.names):
                 s.copy_(ckpt["ema"][name])
@@ -212,8 +205,9 @@ def restore(ckpt, path, procs, unet, opt, ema, optimizer):
     unet.load_state_dict(tensors["unet"])
     if eight:
         mine, plain = tensors["optimizer"][f"rank{procs.rank}"], ckpt["per_rank"][procs.rank]["optimizer"]
-        opt.load_state_dict({**plain, "sr_gen": mine.get("sr_gen"), "buffers": [
-            {key.split(".", 1)[1]: t for key, t in mine.items() if key.startswith(f"{i}.")} for i in range(len(opt.buffers))]})
+        buffers = [{key.split(".", 1)[1]: t for key, t in mine.items() if key.startswith(f"{i}.")}
+                   for i in range(len(opt.buffers))]
+        opt.load_state_dict({**plain, "sr_gen": mine.get("sr_gen"), "buffers": buffers})
     else:
         set_optimizer_state_dict(unet, opt, osd)
     if ema and ckpt["ema"]:

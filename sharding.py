@@ -1,12 +1,8 @@
 """
-Sharding the UNet across processes: train.py --parallel=fsdp under torchrun (docs/scaling.md). Where
---parallel=ddp keeps a whole copy of the UNet, its grads and its optimizer state on every process, fsdp shards
-all three with torch's FSDP2 (`fully_shard`, one group per UNet block and one for the root): each card holds 1/N
-of them and gathers one block at a time.
-
-The FSDP resume state is a folder written with torch.distributed.checkpoint (DCP): each rank writes its own
-shards, no rank ever holds the whole optimizer state, and the folder loads into another process count
-(resharded by DCP) when the optimizer state is made of sharded tensors (adamw).
+Sharding the UNet across processes, train.py --parallel=fsdp (docs/scaling.md): torch's FSDP2 (`fully_shard`, one
+group per UNet block and one for the root) gives each card 1/N of the weights, grads and optimizer state.
+Its resume state is a torch.distributed.checkpoint (DCP) folder: each rank writes and reads its own shards, and it
+loads into another process count (resharded by DCP) when the optimizer state is sharded tensors (adamw).
 """
 import errno
 import os
@@ -29,14 +25,12 @@ def blocks(unet):
 
 def shard(unet, compute_dtype=None):
     """fully_shard each block, then the root (time_embed, label_emb, out). compute_dtype: the dtype the blocks
-    are gathered in for the forward (bf16 halves the all-gathers); grads are reduced in fp32 and kept in the
-    weights' dtype. (Compiling the sharded UNet: distributed.Procs.prepare.)"""
+    are gathered in (bf16 halves the all-gathers); grads are reduced in fp32 and kept in the weights' dtype."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for block in blocks(unet):
         fully_shard(block, mp_policy=mp)
     fully_shard(unet, mp_policy=mp)
-    return unet
 
 
 def full(t):
@@ -49,14 +43,21 @@ def local(t):
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def like(param, t):
+    """t (shaped like param's local shard) as a DTensor sharded like param; t as it is for a plain param."""
+    if not isinstance(param, DTensor):
+        return t
+    return DTensor.from_local(t, param.device_mesh, param.placements, run_check=False, shape=param.shape,
+                              stride=param.stride())
+
+
 # -----------------------------------------------------------------------------
 # the sharded resume state: DCP shards of tensors + run.pt with the plain values (both read without pickle)
 
 class SafeReader(dcp.FileSystemReader):
-    """DCP's FileSystemReader, except that its .metadata file (a pickle) is read by an unpickler that can only
-    build DCP's own metadata records and torch sizes and dtypes: a planted file cannot run code, the guarantee
-    torch.load(weights_only=True) gives for ckpt.pt. Only tensors are stored with DCP (its other values would
-    be unpickled freely); plain values go to run.pt."""
+    """DCP's FileSystemReader, its .metadata pickle read by an unpickler that builds only DCP's metadata records,
+    torch sizes and dtypes: a planted file cannot run code (as weights_only=True for ckpt.pt). DCP would unpickle
+    other values freely, so only tensors are stored with it; plain values go to run.pt."""
 
     def read_metadata(self, *args, **kwargs):
         with open(os.path.join(self.path, ".metadata"), "rb") as f:
@@ -81,33 +82,22 @@ class _MetadataUnpickler(pickle.Unpickler):
 class _Writer(dcp.FileSystemWriter):
     """DCP's FileSystemWriter, except that a write that fails for lack of space raises an OSError with that errno.
     DCP hands each rank's exception to every rank pickled, and a pickle drops the cause: torch.save's zip writer
-    reports a short write as 'unexpected pos ...' with the OSError only as its cause, so a full disk would reach
-    save_sharded as a message that names no errno."""
+    reports a short write as 'unexpected pos ...' with the OSError only as its cause."""
 
     def write_data(self, *args, **kwargs):
-        try:
-            return super().write_data(*args, **kwargs)
-        except Exception as e:
-            _raise_no_room(e)
-            raise
+        return _errno_kept(super().write_data, *args, **kwargs)
 
     def finish(self, *args, **kwargs):  # (rank 0 writes .metadata here)
-        try:
-            return super().finish(*args, **kwargs)
-        except Exception as e:
-            _raise_no_room(e)
-            raise
+        return _errno_kept(super().finish, *args, **kwargs)
 
 
-def _raise_no_room(e):
-    if files.no_room(e):  # a plain OSError pickles whole, errno included
-        raise OSError(errno.ENOSPC, "No space left on device (or quota, or file-size limit)") from e
-
-
-def _no_room(e):
-    """True if e, or what any rank's DCP failure (a CheckpointException's failures) came from, is a lack of space."""
-    failures = getattr(e, "failures", None) or {}
-    return files.no_room(e) or any(files.no_room(f[0] if isinstance(f, tuple) else f) for f in failures.values())
+def _errno_kept(write, *args, **kwargs):
+    try:
+        return write(*args, **kwargs)
+    except Exception as e:
+        if files.no_room(e):  # a plain OSError pickles whole, errno included
+            raise OSError(errno.ENOSPC, "No space left on device (or quota, or file-size limit)") from e
+        raise
 
 
 def _nbytes(tree):
@@ -134,11 +124,13 @@ def save_sharded(folder, tensors, plain, master):
     except BaseException as e:  # (DCP's own CheckpointException is a BaseException)
         if master:
             shutil.rmtree(new, ignore_errors=True)
-        if _no_room(e):
+        failures = getattr(e, "failures", None) or {}  # a CheckpointException's: what each rank's failure came from
+        if files.no_room(e) or any(files.no_room(f[0] if isinstance(f, tuple) else f) for f in failures.values()):
             free = shutil.disk_usage(os.path.dirname(os.path.abspath(folder))).free / 2**30
-            raise UserError(f"no space left writing {folder}/: this process's shards need {_nbytes(tensors) / 2**30:.2f} "
-                            f"GiB, {free:.2f} GiB are free there; free some space and resume from the previous "
-                            "checkpoint, which is untouched") from None
+            need = _nbytes(tensors) / 2**30
+            raise UserError(f"no space left writing {folder}/: this process's shards need {need:.2f} GiB, {free:.2f} "
+                            "GiB are free there; free some space and resume from the previous checkpoint, which is "
+                            "untouched") from None
         raise
     if master:
         if os.path.exists(folder):
@@ -152,7 +144,6 @@ def recover(folder):
     """A crash between save_sharded's two renames leaves only folder.old: that is the last checkpoint."""
     if not os.path.exists(folder) and os.path.exists(folder + ".old"):
         os.replace(folder + ".old", folder)
-    return folder
 
 
 def load_sharded(folder, tensors):
@@ -174,12 +165,3 @@ def load_sharded(folder, tensors):
 
 class CheckpointDamaged(ValueError):
     """A sharded checkpoint's files cannot be read as one."""
-
-
-def like(param, t):
-    """t (this rank's part, shaped like param's local shard) as a DTensor sharded like param; t as it is when param
-    is a plain tensor."""
-    if not isinstance(param, DTensor):
-        return t
-    return DTensor.from_local(t, param.device_mesh, param.placements, run_check=False, shape=param.shape,
-                              stride=param.stride())
