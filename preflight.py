@@ -1,8 +1,7 @@
 """
-Every mistake train.py's config (and the paths it names) can show, found before anything is loaded: one line
-on stderr and exit 2 (configurator.UserError), never a traceback or a half-made run. The checks that need the
-start checkpoint's header, the dataset scan or the resume state run where those are read, still before any
-heavy work (train.py, runstate.py).
+Every mistake train.py's config and the paths it names can show, found before anything is loaded: one line on
+stderr and exit 2 (configurator.UserError). The checks that need the start checkpoint's header, the dataset scan
+or the resume state run where those are read, still before any heavy work (train.py, runstate.py).
 """
 import importlib.util
 import math
@@ -95,8 +94,8 @@ def check_paths(c):
 
 
 def check_buckets(model_cfg, c):
-    """The latents are 1/f of the image and the UNet halves them (levels - 1) times: bucket sides, and the
-    previews' side (resolution), must divide by both (model_cfg: the start checkpoint's, read from its header)."""
+    """The latents are 1/f of the image and the UNet halves them (levels - 1) times: bucket sides and the
+    previews' side (resolution) must divide by both (model_cfg: from the start checkpoint's header)."""
     multiple = 2 ** (len(model_cfg.vae.ch_mult) - 1) * 2 ** (len(model_cfg.unet.channel_mult) - 1)
     if c["bucket_step"] % multiple:
         raise UserError(f"config error: --bucket_step={c['bucket_step']} must be a multiple of {multiple} for this "
@@ -107,8 +106,8 @@ def check_buckets(model_cfg, c):
 
 
 def clean_run_folder(out_dir, cache_dir, fresh):
-    """At the start of a run that holds the lock: remove what --overwrite=True replaces (fresh), and the hidden
-    temp files a killed run left (kill -9 mid-export); a shared cache is never entered."""
+    """Remove what --overwrite=True replaces (fresh) and the temp files a killed run left; a shared cache is never
+    entered. Called by the process that holds the run's lock."""
     import shutil
     import files
     if fresh:
