@@ -233,7 +233,8 @@ def _configure(g, argv):
                 tb = e.__traceback__.tb_next  # the user's frame (a SyntaxError carries its line instead)
                 line = getattr(e, "lineno", None) or (tb.tb_lineno if tb else "?")
                 raise ValueError(f"{path} line {line}: {type(e).__name__}: {e}") from None
-            assigned = {n.id for n in ast.walk(ast.parse(text)) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+            assigned = {n.id for n in ast.walk(ast.parse(text))
+                        if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
             for k, v in ns.items():
                 if k.startswith("_") or isinstance(v, (types.ModuleType, types.FunctionType, type)):
                     continue

@@ -50,10 +50,9 @@ def check_config(c, world):
             for s in c["synthetic_sizes"])):
         raise UserError(f"config error: --synthetic_sizes={c['synthetic_sizes']!r} must be (h, w) pairs of ints >= 8, "
                         f"e.g. ((1024, 1024), (832, 1216))")
-    if c["wandb_log"] and importlib.util.find_spec("wandb") is None:
-        raise UserError("config error: --wandb_log=True needs the wandb package (pip install wandb)")
-    if c["tensorboard_log"] and importlib.util.find_spec("tensorboard") is None:
-        raise UserError("config error: --tensorboard_log=True needs the tensorboard package (pip install tensorboard)")
+    for package in ("wandb", "tensorboard"):
+        if c[f"{package}_log"] and importlib.util.find_spec(package) is None:
+            raise UserError(f"config error: --{package}_log=True needs the {package} package (pip install {package})")
     if c["sample_interval"] and not c["sample_prompts"]:
         raise UserError("config error: sample_interval needs at least one of sample_prompts")
     if not (isinstance(c["sample_prompts"], (tuple, list)) and all(isinstance(p, str) for p in c["sample_prompts"])):
@@ -110,13 +109,12 @@ def clean_run_folder(out_dir, cache_dir, fresh):
     entered. Called by the process that holds the run's lock."""
     import shutil
     import files
-    if fresh:
-        for name in RUN_OUTPUTS:
-            path = os.path.join(out_dir, name)
-            if name == "README.md" and os.path.isfile(path) and "v-prediction" not in open(path, errors="replace").read():
-                continue  # a README.md this code did not write (its model cards are tagged v-prediction)
-            if os.path.isdir(path) and not os.path.islink(path) and os.path.realpath(path) != os.path.realpath(cache_dir):
-                shutil.rmtree(path)
-            elif os.path.lexists(path) and not os.path.isdir(path):
-                os.remove(path)
+    for name in RUN_OUTPUTS if fresh else ():
+        path = os.path.join(out_dir, name)
+        if name == "README.md" and os.path.isfile(path) and "v-prediction" not in open(path, errors="replace").read():
+            continue  # a README.md this code did not write (its model cards are tagged v-prediction)
+        if os.path.isdir(path) and not os.path.islink(path) and os.path.realpath(path) != os.path.realpath(cache_dir):
+            shutil.rmtree(path)
+        elif os.path.lexists(path) and not os.path.isdir(path):
+            os.remove(path)
     files.remove_temps(out_dir, keep=[cache_dir])

@@ -20,7 +20,7 @@ class RunLog:
         """wandb_run: (project, run name, config) to log to wandb; tensorboard: write event files."""
         self.procs, self.cfg, self.T, self.peak, self.context_len = procs, unet_cfg, T, peak_tflops, context_len
         self.max_iters, self.interval, self.out_dir, self.device = max_iters, log_interval, out_dir, procs.device
-        self.tb = self.wandb = None
+        self.cuda, self.tb, self.wandb = self.device.startswith("cuda"), None, None
         if tensorboard and procs.master:  # (preflight checked that the package is there)
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
@@ -38,11 +38,11 @@ class RunLog:
         self.loss, self.n, self.bins, self.bin_n, self.imgs, self.flops = zeros(), 0, zeros(10), zeros(10), 0, 0.0
         self.sync()
         self.t0 = time.time()
-        if self.device.startswith("cuda"):
+        if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def sync(self):
-        if self.device.startswith("cuda"):
+        if self.cuda:
             torch.cuda.synchronize()
 
     @contextmanager
@@ -82,7 +82,7 @@ class RunLog:
         if self.procs.master:
             ips = self.imgs / elapsed
             mfu = f"{100 * self.flops / elapsed / (self.peak * 1e12):.1f}%" if self.peak else "-"
-            mem = f"{torch.cuda.max_memory_allocated(self.device) / 2**30:.1f}GiB" if self.device.startswith("cuda") else "-"
+            mem = f"{torch.cuda.max_memory_allocated(self.device) / 2**30:.1f}GiB" if self.cuda else "-"
             eta = (self.max_iters - step) * elapsed / self.interval
             bins, bin_n = (self.bins / self.bin_n.clamp(min=1)).tolist(), self.bin_n.tolist()
             loss = self.loss.item() / self.n if self.n else float("nan")
