@@ -76,10 +76,10 @@ def check_paths(c):
     if not dataset_dir or not (os.path.isdir(dataset_dir) or c["make_synthetic"]):
         raise UserFileNotFound(f"--dataset_dir={dataset_dir!r} is not a folder (a folder of images with .txt "
                                f"captions, or with a metadata.jsonl)")
-    if cache_dir and os.path.realpath(cache_dir) == os.path.realpath(dataset_dir):  # (image subfolders: after the scan)
+    dataset = os.path.realpath(dataset_dir)
+    if cache_dir and os.path.realpath(cache_dir) == dataset:  # (image subfolders: after the scan)
         raise UserError(f"--cache_dir={cache_dir!r} is the dataset folder; keep the cache elsewhere")
-    inside = lambda a, b: os.path.commonpath([os.path.realpath(a), os.path.realpath(b)]) == os.path.realpath(b)
-    if dataset_dir and inside(out_dir, dataset_dir):
+    if os.path.commonpath([os.path.realpath(out_dir), dataset]) == dataset:
         raise UserError(f"--out_dir={out_dir!r} is in the dataset folder: the next run would train on its previews; "
                         f"keep runs elsewhere")
     resume = init_from == "resume"
