@@ -142,8 +142,8 @@ def _unknown(key, keys):
 
 
 def _home(value, default=""):
-    """'~' or a leading '~/' in a string key's value expanded: the shell does so only at the start of a word, so
-    --out_dir=~/runs arrives as it is and would make a folder named '~' here."""
+    """'~' or a leading '~/' in a string key's value expanded, as the shell does only at the start of a word
+    (--out_dir=~/runs arrives as it is); no key takes such a string as anything but a path. '~user' stays."""
     if isinstance(default, str) and isinstance(value, str) and (value == "~" or value.startswith("~/")):
         return os.path.expanduser(value)
     return value
