@@ -1,22 +1,13 @@
 """
-nanoGPT's "poor man's configurator", with its rough edges filed off. A script defines its config as plain
-module-level globals (each with a trailing comment) and then calls
-
-    config = configurator.configure(globals())
-
-which applies, left to right (later wins):
-    python train.py config/vpred.py --k=5 --batch_size=2
-- `config/X.py`: a config file, executed as Python in a namespace seeded with the current values. Config
-  files are TRUSTED code (as in nanoGPT): never run one you did not read. Relative paths are looked up in
-  the working directory first, then in this repo, so scripts work from any directory.
-- `--key=value`: the value is parsed with ast.literal_eval (never exec); if that fails it is a string. A string
-  that starts with `~/` has the home folder put in, as the shell would at the start of a word.
-Fixes over nanoGPT: an unknown key fails naming the close matches; an int is accepted for a float; bools
-accept true/false/yes/no/1/0; `--help` lists every key with its default and comment.
-
-A user's mistake (a bad key or value, a missing file, a run folder that holds another run) is a UserError,
-raised where it is found, anywhere in the repo; configure() makes every entry script print it as one line on
-stderr and exit with status 2, with no traceback (tracebacks are kept for bugs).
+nanoGPT's "poor man's configurator", with its rough edges filed off. A script defines its config as module-level
+globals (each with a trailing comment), then calls `config = configurator.configure(globals())`, which applies its
+arguments left to right, later winning (python train.py config/vpred.py --k=5 --batch_size=2):
+- `config/X.py` runs as Python in a namespace seeded with the current values. Config files are TRUSTED code (as in
+  nanoGPT): never run one you did not read. A relative path is looked up in the working directory, then this repo.
+- `--key=value` is parsed with ast.literal_eval (never exec), else kept as a string; a leading `~/` is expanded.
+An unknown key fails naming the close matches; an int is accepted for a float; bools accept true/false/yes/no/1/0;
+`--help` lists every key with its default and comment. A user's mistake, found anywhere in the repo, is a
+UserError: configure() makes every entry script print it as one line on stderr and exit 2 (tracebacks are for bugs).
 """
 import ast
 import difflib
@@ -65,11 +56,9 @@ def check_device(device):
 
 
 def on_stop_signals(handler=None):
-    """Send SIGINT (Ctrl-C), SIGTERM (kill, a scheduler's time limit) and SIGHUP (the terminal or remote login that
-    started the process closed) to handler(signum, frame), so each ends a run the same way. A SIGHUP that the
-    parent set to be ignored (nohup) stays ignored. The default handler stops at once: one line on stderr, then
-    SystemExit(128 + signum) in the main thread, so finally blocks and context managers remove their temp files
-    on the way out (the signal's default action would kill the process where it stands)."""
+    """Send SIGINT, SIGTERM and SIGHUP (a SIGHUP ignored under nohup stays ignored) to handler(signum, frame), so
+    each ends a run the same way. The default handler prints one line and raises SystemExit(128 + signum), so
+    finally blocks and context managers remove their temp files (the default action would kill the process)."""
     import signal
 
     def stop(signum, frame):
@@ -77,9 +66,8 @@ def on_stop_signals(handler=None):
         raise SystemExit(128 + signum)
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
-            continue
-        signal.signal(sig, handler or stop)
+        if not (sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN):
+            signal.signal(sig, handler or stop)
 
 
 def _user_error_hook(kind, err, tb):
@@ -89,12 +77,6 @@ def _user_error_hook(kind, err, tb):
         print(err, file=sys.__stderr__, flush=True)
         os._exit(2)  # after a hook the interpreter would exit 1; the finally blocks on the way up have run
     sys.__excepthook__(kind, err, tb)
-
-
-def config_keys(g):
-    """The config globals: plain values defined at module level before configure() is called."""
-    ok = (int, float, bool, str, tuple, list, dict, type(None))
-    return [k for k, v in g.items() if not k.startswith("_") and isinstance(v, ok)]
 
 
 def _comments(path):
@@ -118,25 +100,22 @@ def script_defaults(path):
     """Another script's config keys and defaults (train.py's, for bench.py), read from its source without running
     it: each `key = expression` before its configure() call is evaluated with only torch in scope."""
     import torch
-    tree = ast.parse(open(path, encoding="utf-8").read())
     out = {}
-    for node in tree.body:
+    for node in ast.parse(open(path, encoding="utf-8").read()).body:
         if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
             if ast.unparse(node.value).startswith("configurator.configure"):
                 break
-            if node.targets[0].id.startswith("_"):  # not a config key
-                continue
-            out[node.targets[0].id] = eval(compile(ast.Expression(node.value), path, "eval"), {"torch": torch})
+            if not node.targets[0].id.startswith("_"):  # (a leading _: not a config key)
+                out[node.targets[0].id] = eval(compile(ast.Expression(node.value), path, "eval"), {"torch": torch})
     return out
 
 
 def _coerce(key, value, default):
-    """Type-check value against the default's type; returns the value to store or raises ValueError."""
+    """The value to store (type-checked against the default's type, '~' expanded), or a ValueError."""
     if default is None or value is None:
         return value
+    value = _home(value, default)
     if isinstance(default, bool):
-        if isinstance(value, bool):
-            return value
         if isinstance(value, (int, str)) and str(value).lower() in _BOOL:
             return _BOOL[str(value).lower()]
     elif isinstance(default, int):
@@ -163,18 +142,21 @@ def _unknown(key, keys):
 
 
 def _home(value, default=""):
-    """A string value of a string key that starts with '~/' (or is '~') with the home folder put in: the shell
-    expands '~' only at the start of a word, so --out_dir=~/runs reaches us as it is and would make a folder named
-    '~' here. No config key takes such a string as anything but a path ('~user' and a '~' later in the string
-    stay as they are)."""
+    """'~' or a leading '~/' in a string key's value expanded, as the shell does only at the start of a word
+    (--out_dir=~/runs arrives as it is); no key takes such a string as anything but a path. '~user' stays."""
     if isinstance(default, str) and isinstance(value, str) and (value == "~" or value.startswith("~/")):
         return os.path.expanduser(value)
     return value
 
 
-def _python_text(path, source):
-    """A config file's bytes decoded as Python decodes a .py file it runs (UTF-8, a BOM allowed, or the encoding a
+def _python_text(path):
+    """A config file's text, decoded as Python decodes a .py file it runs (UTF-8, a BOM allowed, or the encoding a
     coding line names; every line, comments included); a ValueError naming the line that is not."""
+    try:
+        with open(path, "rb") as f:
+            source = f.read()
+    except OSError as e:
+        raise ValueError(f"cannot read config file {path}: {e.strerror}") from None
     hint = "save it as UTF-8 (or name its encoding in a '# -*- coding: NAME -*-' first line)"
     if b"\0" in source:
         raise ValueError(f"{path} holds NUL bytes: it is not UTF-8 text (UTF-16?); {hint}")
@@ -201,9 +183,8 @@ def _find_file(arg):
 
 def _help(g, keys):
     script = os.path.basename(g.get("__file__", "script.py"))
-    notes = {}
-    for path in [*g.get("_config_sources", ()), g.get("__file__", "")]:  # later files win
-        notes.update(_comments(path))
+    notes = {k: note for path in [*g.get("_config_sources", ()), g.get("__file__", "")]  # later files win
+             for k, note in _comments(path).items()}
     print(f"usage: python {script} [config/FILE.py ...] [--key=value ...]   (later arguments win)")
     width = max(len(k) + len(repr(g[k])) for k in keys) + 4
     section = None
@@ -232,7 +213,8 @@ def configure(g, argv=None, exit_on_error=None):
 
 
 def _configure(g, argv):
-    keys = config_keys(g)
+    plain = (int, float, bool, str, tuple, list, dict, type(None))
+    keys = [k for k, v in g.items() if not k.startswith("_") and isinstance(v, plain)]  # the config globals
     g["_given"] = given = set()  # the keys a config file or --key=value set (a resume keeps the saved others)
     if any(a in ("-h", "--help") for a in argv):
         _help(g, keys)
@@ -244,25 +226,21 @@ def _configure(g, argv):
             path = _find_file(arg)
             print(f"config: {path}")
             ns = {k: g[k] for k in keys}
-            try:
-                with open(path, "rb") as f:
-                    source = f.read()
-            except OSError as e:
-                raise ValueError(f"cannot read config file {path}: {e.strerror}") from None
-            text = _python_text(path, source)
+            text = _python_text(path)
             try:
                 exec(compile(text, path, "exec"), ns)
             except Exception as e:  # the user's Python: say where, not a traceback into this file
                 tb = e.__traceback__.tb_next  # the user's frame (a SyntaxError carries its line instead)
                 line = getattr(e, "lineno", None) or (tb.tb_lineno if tb else "?")
                 raise ValueError(f"{path} line {line}: {type(e).__name__}: {e}") from None
-            assigned = {n.id for n in ast.walk(ast.parse(text)) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+            assigned = {n.id for n in ast.walk(ast.parse(text))
+                        if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
             for k, v in ns.items():
                 if k.startswith("_") or isinstance(v, (types.ModuleType, types.FunctionType, type)):
                     continue
                 if k not in keys:
                     raise _unknown(k, keys)
-                g[k] = _coerce(k, _home(v, g[k]), g[k])
+                g[k] = _coerce(k, v, g[k])
                 if k in assigned:
                     given.add(k)
         else:
@@ -277,7 +255,7 @@ def _configure(g, argv):
                 value = val  # a bare string, e.g. --init_from=resume
             if isinstance(g[key], str) and not isinstance(value, str):
                 value = val  # --out_dir=2024 is the string '2024'
-            g[key] = _coerce(key, _home(value, g[key]), g[key])
+            g[key] = _coerce(key, value, g[key])
             given.add(key)
             print(f"config: {key} = {g[key]!r}")
     return {k: g[k] for k in keys}

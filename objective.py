@@ -1,10 +1,7 @@
 """
 The training objective, written once (docs/maths.md §2-4): noise the cached latents at t on the training
-schedule, regress the target the model learns to predict (v or eps), weight each sample's MSE by m(t).
-
-train.py's step and held-out eval, bench.py's timed step, memory.py's activation count and sample_ablation.py's
-error table all call this object, so a change to the target or the weighting reaches every one of them (the
-role of k-diffusion's Denoiser.loss or minRF's RF.forward).
+schedule, regress the v (or eps) target, weight each sample's MSE by m(t). train.py, bench.py, memory.py and
+sample_ablation.py all call it (the role of k-diffusion's Denoiser.loss or minRF's RF.forward).
 """
 from contextlib import nullcontext
 
@@ -18,28 +15,21 @@ EVAL_T = torch.tensor([b * 100 + o for b in range(10) for o in (0, 50, 99)])
 
 
 class Objective:
-    """abar: the training schedule (float64, on the training device); prediction: v | eps; weighting, k, gamma:
-    m(t) (schedule.loss_weight); autocast: the context the network runs under; channels_last: hand the network
-    NHWC inputs (cuDNN's fast convolutions)."""
+    """abar: the training schedule (float64, on the training device); weighting, k, gamma: m(t)
+    (schedule.loss_weight); channels_last: hand the network NHWC inputs (cuDNN's fast convolutions)."""
 
     def __init__(self, abar, prediction="v", weighting="sigmoid", k=5.0, gamma=5.0, autocast=None,
                  channels_last=False):
-        self.abar, self.prediction = abar, prediction
+        self.abar, self.prediction, self.channels_last = abar, prediction, channels_last
         self.weighting, self.k, self.gamma = weighting, k, gamma
         self.autocast = autocast if autocast is not None else nullcontext()
-        self.channels_last = channels_last
 
     def noised(self, x0, noise, t):
-        """z_t = alpha_t x0 + sigma_t noise on this schedule."""
         return schedule.add_noise(x0, noise, t, self.abar)
 
     def target(self, x0, noise, t):
-        """What the network is trained to output: v = alpha noise - sigma x0, or the noise itself."""
+        """What the network learns to output: v = alpha noise - sigma x0, or the noise itself."""
         return schedule.v_target(x0, noise, t, self.abar) if self.prediction == "v" else noise
-
-    def weight(self, t):
-        """m(t) per sample (float32 on t's device)."""
-        return schedule.loss_weight(t, self.abar, self.weighting, self.k, self.gamma)
 
     def per_sample_mse(self, net, batch, t, noise):
         """||target_i - out_i||^2 / (C H W) for each sample. batch: latents, context, pooled, time_ids."""
@@ -55,12 +45,13 @@ class Objective:
     def __call__(self, net, batch, t, noise):
         """The loss mean_i m(t_i) mse_i, and the per-sample unweighted MSE (for the per-t-bin log)."""
         mse = self.per_sample_mse(net, batch, t, noise)
-        return (self.weight(t) * mse).mean(), mse
+        weight = schedule.loss_weight(t, self.abar, self.weighting, self.k, self.gamma)
+        return (weight * mse).mean(), mse
 
     @torch.no_grad()
     def eval_bins(self, net, batches):
-        """Held-out target-MSE per t-bin: every batch (one per bucket, on the device) at the EVAL_T timesteps with
-        fixed noise, so that evals at different steps are comparable (the uptrain-progress curve)."""
+        """Held-out target-MSE per t-bin: every batch (one per bucket) at the EVAL_T timesteps with fixed noise,
+        so that evals at different steps are comparable."""
         g = torch.Generator().manual_seed(0)
         sums, n = torch.zeros(10), 0
         for batch in batches:

@@ -1,8 +1,7 @@
 """
-Every mistake train.py's config (and the paths it names) can show, found before anything is loaded: one line
-on stderr and exit 2 (configurator.UserError), never a traceback or a half-made run. The checks that need the
-start checkpoint's header, the dataset scan or the resume state run where those are read, still before any
-heavy work (train.py, runstate.py).
+Every mistake train.py's config and the paths it names can show, found before anything is loaded: one line on
+stderr and exit 2 (configurator.UserError). The checks that need the start checkpoint's header, the dataset scan
+or the resume state run where those are read, still before any heavy work (train.py, runstate.py).
 """
 import importlib.util
 import math
@@ -51,10 +50,9 @@ def check_config(c, world):
             for s in c["synthetic_sizes"])):
         raise UserError(f"config error: --synthetic_sizes={c['synthetic_sizes']!r} must be (h, w) pairs of ints >= 8, "
                         f"e.g. ((1024, 1024), (832, 1216))")
-    if c["wandb_log"] and importlib.util.find_spec("wandb") is None:
-        raise UserError("config error: --wandb_log=True needs the wandb package (pip install wandb)")
-    if c["tensorboard_log"] and importlib.util.find_spec("tensorboard") is None:
-        raise UserError("config error: --tensorboard_log=True needs the tensorboard package (pip install tensorboard)")
+    for package in ("wandb", "tensorboard"):
+        if c[f"{package}_log"] and importlib.util.find_spec(package) is None:
+            raise UserError(f"config error: --{package}_log=True needs the {package} package (pip install {package})")
     if c["sample_interval"] and not c["sample_prompts"]:
         raise UserError("config error: sample_interval needs at least one of sample_prompts")
     if not (isinstance(c["sample_prompts"], (tuple, list)) and all(isinstance(p, str) for p in c["sample_prompts"])):
@@ -78,10 +76,10 @@ def check_paths(c):
     if not dataset_dir or not (os.path.isdir(dataset_dir) or c["make_synthetic"]):
         raise UserFileNotFound(f"--dataset_dir={dataset_dir!r} is not a folder (a folder of images with .txt "
                                f"captions, or with a metadata.jsonl)")
-    if cache_dir and os.path.realpath(cache_dir) == os.path.realpath(dataset_dir):  # (image subfolders: after the scan)
+    dataset = os.path.realpath(dataset_dir)
+    if cache_dir and os.path.realpath(cache_dir) == dataset:  # (image subfolders: after the scan)
         raise UserError(f"--cache_dir={cache_dir!r} is the dataset folder; keep the cache elsewhere")
-    inside = lambda a, b: os.path.commonpath([os.path.realpath(a), os.path.realpath(b)]) == os.path.realpath(b)
-    if dataset_dir and inside(out_dir, dataset_dir):
+    if os.path.commonpath([os.path.realpath(out_dir), dataset]) == dataset:
         raise UserError(f"--out_dir={out_dir!r} is in the dataset folder: the next run would train on its previews; "
                         f"keep runs elsewhere")
     resume = init_from == "resume"
@@ -95,8 +93,8 @@ def check_paths(c):
 
 
 def check_buckets(model_cfg, c):
-    """The latents are 1/f of the image and the UNet halves them (levels - 1) times: bucket sides, and the
-    previews' side (resolution), must divide by both (model_cfg: the start checkpoint's, read from its header)."""
+    """The latents are 1/f of the image and the UNet halves them (levels - 1) times: bucket sides and the
+    previews' side (resolution) must divide by both (model_cfg: from the start checkpoint's header)."""
     multiple = 2 ** (len(model_cfg.vae.ch_mult) - 1) * 2 ** (len(model_cfg.unet.channel_mult) - 1)
     if c["bucket_step"] % multiple:
         raise UserError(f"config error: --bucket_step={c['bucket_step']} must be a multiple of {multiple} for this "
@@ -107,17 +105,16 @@ def check_buckets(model_cfg, c):
 
 
 def clean_run_folder(out_dir, cache_dir, fresh):
-    """At the start of a run that holds the lock: remove what --overwrite=True replaces (fresh), and the hidden
-    temp files a killed run left (kill -9 mid-export); a shared cache is never entered."""
+    """Remove what --overwrite=True replaces (fresh) and the temp files a killed run left; a shared cache is never
+    entered. Called by the process that holds the run's lock."""
     import shutil
     import files
-    if fresh:
-        for name in RUN_OUTPUTS:
-            path = os.path.join(out_dir, name)
-            if name == "README.md" and os.path.isfile(path) and "v-prediction" not in open(path, errors="replace").read():
-                continue  # a README.md this code did not write (its model cards are tagged v-prediction)
-            if os.path.isdir(path) and not os.path.islink(path) and os.path.realpath(path) != os.path.realpath(cache_dir):
-                shutil.rmtree(path)
-            elif os.path.lexists(path) and not os.path.isdir(path):
-                os.remove(path)
+    for name in RUN_OUTPUTS if fresh else ():
+        path = os.path.join(out_dir, name)
+        if name == "README.md" and os.path.isfile(path) and "v-prediction" not in open(path, errors="replace").read():
+            continue  # a README.md this code did not write (its model cards are tagged v-prediction)
+        if os.path.isdir(path) and not os.path.islink(path) and os.path.realpath(path) != os.path.realpath(cache_dir):
+            shutil.rmtree(path)
+        elif os.path.lexists(path) and not os.path.isdir(path):
+            os.remove(path)
     files.remove_temps(out_dir, keep=[cache_dir])

@@ -1,10 +1,8 @@
 """
-What a training run prints and records as it goes: every log_interval steps one line (loss, lr, Adam betas, grad
-norm, img/s, ms/it, MFU, memory, ETA) and the training batches' MSE per t-bin; the held-out eval (eval.jsonl);
-the same numbers (and the preview grids) to wandb or to TensorBoard event files in out_dir/tensorboard/ when
-asked (`tensorboard --logdir out_dir/tensorboard`). The interval's sums stay on the device, so nothing in the training step
-waits for the host; under torchrun they are summed over processes at each line, so the line is the global
-batch's, not rank 0's share.
+What a training run prints and records: every log_interval steps one line (loss, lr, Adam betas, grad norm,
+img/s, ms/it, MFU, memory, ETA) and the MSE per t-bin; the held-out eval (eval.jsonl); the same, and the previews,
+to wandb or TensorBoard (out_dir/tensorboard/) when asked. The interval's sums stay on the device (the step never
+waits for the host) and are summed over processes at each line: the global batch's, not rank 0's share.
 """
 import json
 import os
@@ -21,31 +19,30 @@ class RunLog:
                  wandb_run=None, tensorboard=False):
         """wandb_run: (project, run name, config) to log to wandb; tensorboard: write event files."""
         self.procs, self.cfg, self.T, self.peak, self.context_len = procs, unet_cfg, T, peak_tflops, context_len
-        self.tb = None
+        self.max_iters, self.interval, self.out_dir, self.device = max_iters, log_interval, out_dir, procs.device
+        self.cuda, self.tb, self.wandb = self.device.startswith("cuda"), None, None
         if tensorboard and procs.master:  # (preflight checked that the package is there)
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
-        self.max_iters, self.interval, self.out_dir, self.wandb = max_iters, log_interval, out_dir, None
         if wandb_run and procs.master:  # (lazy: an optional package)
             import wandb
             project, name, config = wandb_run
             self.wandb = wandb.init(project=project, name=name, config=config)
-        self.device = procs.device
         self.flops_per_image = {}  # (h, w) of the latents -> model FLOPs of one image's forward + backward
         self.reset()
 
     def reset(self):
-        """A new interval: the sums back to zero, the clock and the peak-memory counter restarted (the peak printed is
-        the interval's training steps', not the cache build's before them)."""
+        """A new interval: zero sums, and the clock and the peak-memory counter restarted (the peak printed is the
+        interval's steps', not the cache build's)."""
         zeros = lambda *shape: torch.zeros(shape, device=self.device)
         self.loss, self.n, self.bins, self.bin_n, self.imgs, self.flops = zeros(), 0, zeros(10), zeros(10), 0, 0.0
         self.sync()
         self.t0 = time.time()
-        if self.device.startswith("cuda"):
+        if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def sync(self):
-        if self.device.startswith("cuda"):
+        if self.cuda:
             torch.cuda.synchronize()
 
     @contextmanager
@@ -85,7 +82,7 @@ class RunLog:
         if self.procs.master:
             ips = self.imgs / elapsed
             mfu = f"{100 * self.flops / elapsed / (self.peak * 1e12):.1f}%" if self.peak else "-"
-            mem = f"{torch.cuda.max_memory_allocated(self.device) / 2**30:.1f}GiB" if self.device.startswith("cuda") else "-"
+            mem = f"{torch.cuda.max_memory_allocated(self.device) / 2**30:.1f}GiB" if self.cuda else "-"
             eta = (self.max_iters - step) * elapsed / self.interval
             bins, bin_n = (self.bins / self.bin_n.clamp(min=1)).tolist(), self.bin_n.tolist()
             loss = self.loss.item() / self.n if self.n else float("nan")

@@ -1,7 +1,6 @@
 """
-The noise schedule, the v target, the loss weightings and the DDIM sampler, as free functions.
-
-Everything here is the maths of docs/maths.md, one formula per function, with the paper next to it:
+The noise schedule, the v target, the loss weightings and the DDIM sampler: the maths of docs/maths.md, one
+formula per function, with its paper:
 - DDPM scaled-linear betas (Rombach et al. 2022, the SD/SDXL schedule), computed in float64;
 - zero terminal SNR rescale (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are
   Flawed", arXiv 2305.08891, Algorithm 1), trailing timesteps (§3.3) and CFG rescale (§3.4);
@@ -9,9 +8,8 @@ Everything here is the maths of docs/maths.md, one formula per function, with th
 - sigmoid loss weighting (Kingma & Gao 2023, "Understanding Diffusion Objectives", arXiv 2303.00848) and
   Min-SNR (Hang et al. 2023, arXiv 2303.09556);
 - DDIM, eta=0 (Song et al. 2021, arXiv 2010.02502, eq. 12).
-
-Schedule arrays stay float64 (as in guided-diffusion's gaussian_diffusion.py) and are cast at use, so the
-zero-SNR step is exactly 0.0 and every log / reciprocal of it is guarded here, in one place.
+Schedule arrays stay float64 (as in guided-diffusion) and are cast at use, so the zero-SNR step is exactly 0.0
+and every log / reciprocal of it is guarded here, in one place.
 """
 import numpy as np
 import torch
@@ -27,9 +25,8 @@ def alphas_cumprod(beta_end=0.012, zsnr=False, beta_start=0.00085, num_timesteps
     if zsnr:
         # Lin et al. Alg. 1: shift and scale sqrt(abar) so the last step has alpha = 0 and the first is unchanged
         s = abar.sqrt()
-        s0, sT = s[0].clone(), s[-1].clone()
-        s = (s - sT) * s0 / (s0 - sT)
-        abar = s ** 2
+        s0, sT = s[0], s[-1]
+        abar = ((s - sT) * s0 / (s0 - sT)) ** 2
         abar[-1] = 0.0  # exact, not 1e-20 from rounding
     return abar
 
@@ -100,11 +97,8 @@ def trailing_timesteps(n, num_timesteps=1000):
 
 
 def ddim_step(model_output, t, t_prev, z, abar, prediction="v"):
-    """One eta=0 DDIM step t -> t_prev with the *sampler's* abar; returns (z_prev, x0_hat).
-
-    The output is read as v (x_hat = a z - s o, eps_hat = s z + a o) or as eps (eps_hat = o,
-    x_hat = (z - s o) / a). t_prev = -1 is the final step: z_prev = x0_hat.
-    """
+    """One eta=0 DDIM step t -> t_prev with the *sampler's* abar; returns (z_prev, x0_hat). The output is read as
+    v (x_hat = a z - s o, eps_hat = s z + a o) or eps (x_hat = (z - s o) / a); t_prev = -1 ends at x0_hat."""
     o = model_output.to(z.dtype)
     a_t = _at(abar, t, z)
     alpha, sigma = a_t.sqrt(), (1 - a_t).sqrt()
@@ -137,20 +131,14 @@ def cfg_rescale(pos, neg, scale, phi=0.7):
 
 @torch.no_grad()
 def sample(model_fn, noise, abar, steps=25, prediction="v", guidance=1.0, phi=0.7):
-    """DDIM (eta=0) from pure noise on `steps` trailing timesteps; returns x0 (latents, model scale).
-
-    model_fn(z, t) -> output [B,...] when guidance == 1, else (pos, neg), the conditional and
-    unconditional outputs, which are combined with cfg_rescale in the model's output space.
-    The output is read as `prediction` on the sampler schedule `abar`.
-    """
+    """DDIM (eta=0) from pure noise on `steps` trailing timesteps; returns x0 (latents, model scale). model_fn(z, t)
+    returns the output [B,...], or with guidance != 1 (conditional, unconditional), mixed by cfg_rescale."""
     z = noise.float()
     ts = trailing_timesteps(steps, len(abar)).tolist()
-    for i, t in enumerate(ts):
-        tb = torch.full((z.shape[0],), t, dtype=torch.long, device=z.device)
-        out = model_fn(z, tb)
+    for t, t_prev in zip(ts, ts[1:] + [-1]):
+        out = model_fn(z, torch.full((z.shape[0],), t, dtype=torch.long, device=z.device))
         if guidance != 1.0:
             pos, neg = out
             out = cfg_rescale(pos.float(), neg.float(), guidance, phi)
-        t_prev = ts[i + 1] if i + 1 < len(ts) else -1
         z, _ = ddim_step(out.float(), t, t_prev, z, abar, prediction)
     return z

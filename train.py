@@ -157,9 +157,8 @@ def get_betas(step):
 
 
 def train_step(step, log):
-    """One optimizer step: micro_steps forward/backward passes of the objective (objective.py: v target, per-sample
-    MSE weighted by m(t)), the global clip, the skip test, the update. Returns (mean loss, grad norm, taken,
-    loader state after the last batch); each micro-step's per-t-bin MSE goes to the log."""
+    """micro_steps forward/backward passes of the objective (objective.py), the global clip, the skip test, the
+    update. Returns (mean loss, grad norm, taken, the loader state after the last batch)."""
     lr_now, betas_now = get_lr(step), get_betas(step)
     for group in opt.param_groups:
         group["lr"] = lr_now
@@ -218,7 +217,7 @@ signals = distributed.Signals()  # SIGINT/SIGTERM/SIGHUP: stop now, or after the
 
 resuming = init_from == "resume"
 state_path = runstate.ckpt_path(out_dir, procs.sharded)
-export_only = resuming and runstate.check(saved, state_path, config, procs.world, imgs_per_iter)  # (before the cache is built)
+export_only = resuming and runstate.check(saved, state_path, config, procs.world, imgs_per_iter)  # before the cache
 base, iter_num, skipped = (saved["base"], saved["iter_num"], saved["skipped"]) if resuming else (init_from, 0, 0)
 
 t_load = time.time()
@@ -237,7 +236,6 @@ cache_dir = cache_dir or os.path.join(out_dir, "cache")
 files.make_dir(cache_dir, "cache_dir")
 if procs.master:  # --overwrite=True: what the old run made goes; so do temp files a killed run left
     preflight.clean_run_folder(out_dir, cache_dir, fresh=overwrite and not resuming)
-if procs.master:
     print(f"global batch {imgs_per_iter} = {batch_size} micro x {micro_steps} accum x {procs.world} procs")
 load_s = time.time() - t_load
 
@@ -245,11 +243,12 @@ load_s = time.time() - t_load
 # data: scan, hold out the eval items, cache latents and text embeddings once, then a resumable loader
 
 t_data = time.time()
-if make_synthetic and procs.master and not os.path.isdir(dataset_dir):
-    demo.make_synthetic_dataset(dataset_dir, n=make_synthetic, seed=0, sizes=synthetic_sizes)
-if make_synthetic and procs.master and not tokenizer.startswith("hf:") and not os.path.exists(os.path.join(tokenizer, "vocab.json")):
-    # the synthetic demo's vocabulary is learned from its own captions, so it works offline
-    demo.build_tiny_vocab(tokenizer, [item.caption for item in data.scan_dataset(dataset_dir, quiet=True)])
+if make_synthetic and procs.master:
+    if not os.path.isdir(dataset_dir):
+        demo.make_synthetic_dataset(dataset_dir, n=make_synthetic, seed=0, sizes=synthetic_sizes)
+    if not tokenizer.startswith("hf:") and not os.path.exists(os.path.join(tokenizer, "vocab.json")):
+        # the synthetic demo's vocabulary is learned from its own captions, so it works offline
+        demo.build_tiny_vocab(tokenizer, [item.caption for item in data.scan_dataset(dataset_dir, quiet=True)])
 procs.wait()
 tok = clip_tokenizer.load_tokenizer(tokenizer)
 buckets = data.make_buckets(area=resolution * resolution, step=bucket_step)
@@ -357,7 +356,6 @@ if resuming:
     runstate.set_rng_state(state["rng"], device)
     print(f"resumed from {state_path} at iter {iter_num}")
     del saved, state
-loader_state = loader.state_dict()  # the loader's state after the last batch the loop consumed
 batches = data.prefetch(loader, pin_memory=device_type == "cuda")
 
 # -----------------------------------------------------------------------------
@@ -372,7 +370,8 @@ if compile and compile_warm and not export_only:
     procs.grad_sync(train_unet, procs.sharded)  # no all-reduce for these (but FSDP would keep unsynced grads)
     for bucket in train_buckets:
         t_bucket = time.time()
-        batch = to_device(data.collate(([i for i in train_set if i.bucket == bucket] * batch_size)[:batch_size], cached))
+        group = [item for item in train_set if item.bucket == bucket]
+        batch = to_device(data.collate((group * batch_size)[:batch_size], cached))
         zeros = torch.zeros(batch_size, dtype=torch.long, device=device)
         loss_fn(train_unet, batch, zeros, torch.zeros_like(batch["latents"]))[0].backward()
         if device_type == "cuda":
@@ -415,7 +414,8 @@ while iter_num < max_iters:
             ema.update()
     else:
         skipped, consecutive = skipped + 1, consecutive + 1
-        print(f"iter {iter_num}: non-finite loss/grad (loss {loss_sum.item():.4g}, grad norm {gnorm.item():.4g}), step skipped")
+        print(f"iter {iter_num}: non-finite loss/grad (loss {loss_sum.item():.4g}, grad norm {gnorm.item():.4g}), "
+              "step skipped")
     iter_num += 1
     if iter_num == first_iter + 1 and procs.master:  # on CUDA this step compiled the UNet: report it apart
         print(f"first step (compile, cuDNN autotune) {time.time() - t_first:.1f} s")
