@@ -42,11 +42,14 @@ class Objective:
             out = net(z, t, batch["context"], model.build_y(batch["pooled"], batch["time_ids"]))
         return (out.float() - target).pow(2).mean(dim=(1, 2, 3))  # (B,)
 
+    def weight(self, t):
+        """m(t) per sample (float32 on t's device)."""
+        return schedule.loss_weight(t, self.abar, self.weighting, self.k, self.gamma)
+
     def __call__(self, net, batch, t, noise):
         """The loss mean_i m(t_i) mse_i, and the per-sample unweighted MSE (for the per-t-bin log)."""
         mse = self.per_sample_mse(net, batch, t, noise)
-        weight = schedule.loss_weight(t, self.abar, self.weighting, self.k, self.gamma)
-        return (weight * mse).mean(), mse
+        return (self.weight(t) * mse).mean(), mse
 
     @torch.no_grad()
     def eval_bins(self, net, batches):

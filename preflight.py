@@ -11,6 +11,7 @@ import torch
 
 import configurator
 import distributed
+import objective
 import optim
 import schedule
 import tokenizer as clip_tokenizer
@@ -60,7 +61,8 @@ def check_config(c, world):
     if c["lr"] <= 0:
         raise UserError(f"config error: --lr={c['lr']!r} trains nothing; the recipe uses 7.5e-6")
     abar = schedule.alphas_cumprod(c["beta_end"], c["zsnr"], c["beta_start"])
-    if not schedule.loss_weight(torch.arange(len(abar)), abar, c["weighting"], c["k"], c["gamma"]).any():
+    m = objective.Objective(abar, weighting=c["weighting"], k=c["k"], gamma=c["gamma"]).weight(torch.arange(len(abar)))
+    if not m.any():
         raise UserError(f"config error: --weighting={c['weighting']} with k={c['k']}, gamma={c['gamma']} is zero at "
                         f"every t: it trains nothing")
     if c["parallel"] == "fsdp" and "RANK" not in os.environ:
