@@ -1,6 +1,6 @@
 """
 The miniature reproduction: the whole uptrain (docs/maths.md §1, §5, §6) on a small SDXL-topology model, offline,
-on 2 CPU cores (78.6 min measured while another job shared them: README). It uses the real pipeline (train.py,
+on 2 CPU cores (59 min with the cores free: README). It uses the real pipeline (train.py,
 sample_ablation.py, transfer.py) unchanged.
 
     python mini_repro.py                              # writes out/mini/ and copies the results to assets/mini/
