@@ -39,6 +39,9 @@ def _fp32(module):
         return
     named = lambda: list(module.named_parameters()) + list(module.named_buffers())
     dtypes = {name: t.dtype for name, t in named()}
+    if all(d == torch.float32 or not d.is_floating_point for d in dtypes.values()):
+        yield  # already fp32: the module is not touched
+        return
     module.float()
     try:
         yield
@@ -220,13 +223,8 @@ def build_cache(items, encoders, tokenizer, cache_dir, device="cpu", batch_size=
         captions.setdefault(cache.txt_keys[it.index], (tokens1[i], tokens2[i]))
 
     # 2. what is missing or corrupt, against the shapes one tiny probe of each encoder gives
-    with torch.no_grad(), torch.autocast(torch.device(device).type, enabled=False), _fp32(vae):
-        z = vae.encode(torch.zeros(1, 3, 64, 64, device=device))[0]
-    context, pooled = encode_captions(encode_text, *tokenize(tokenizer, [""], max_token_length=max_token_length),
-                                      device=device)
-    text_shapes = {"context": tuple(context.shape[1:]), "pooled": tuple(pooled.shape[1:])}
-    factor = 64 // z.shape[-1]  # the VAE's downsampling
-    lat_shapes = {k: {"mean": (z.shape[1], it.bucket[0] // factor, it.bucket[1] // factor)} for k, it in images.items()}
+    channels, factor, text_shapes = _output_shapes(vae, encode_text, tokenizer, device, max_token_length)
+    lat_shapes = {k: {"mean": (channels, it.bucket[0] // factor, it.bucket[1] // factor)} for k, it in images.items()}
     lat_todo = _todo(cache, "latents", lat_shapes, verify)
     txt_todo = _todo(cache, "text", dict.fromkeys(captions, text_shapes), verify)
 
@@ -256,6 +254,15 @@ def build_cache(items, encoders, tokenizer, cache_dir, device="cpu", batch_size=
             redo = [k for k in others(txt_batches) if cache.check("text", k, text_shapes, full=verify)]
             _encode(cache, "text", _batches(redo, 4 * batch_size), encode_txt)
     return cache
+
+
+def _output_shapes(vae, encode_text, tokenizer, device, max_token_length):
+    """(latent channels, VAE downsampling factor, text entry shapes), from one 64x64 image and one caption."""
+    with torch.no_grad(), torch.autocast(torch.device(device).type, enabled=False), _fp32(vae):
+        z = vae.encode(torch.zeros(1, 3, 64, 64, device=device))[0]
+    context, pooled = encode_captions(encode_text, *tokenize(tokenizer, [""], max_token_length=max_token_length),
+                                      device=device)
+    return z.shape[1], 64 // z.shape[-1], {"context": tuple(context.shape[1:]), "pooled": tuple(pooled.shape[1:])}
 
 
 def _todo(cache, kind, shapes, verify):

@@ -116,6 +116,8 @@ def _coerce(key, value, default):
         return value
     value = _home(value, default)
     if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
         if isinstance(value, (int, str)) and str(value).lower() in _BOOL:
             return _BOOL[str(value).lower()]
     elif isinstance(default, int):

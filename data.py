@@ -218,7 +218,6 @@ def scan_dataset(root, buckets=None, seed=0, crop="center", flip=False, min_pixe
         digest = hashlib.blake2b(f"{seed}\0{rel}".encode(), digest_size=8).digest()
         rng = random.Random(int.from_bytes(digest, "little"))
         resized, crop_tl, flipped = plan_crop(orig_hw, bucket, crop, flip, rng)
-
         items.append(Item(len(items), os.path.join(root, rel), rel, caption, file_hash, orig_hw, bucket,
                           resized, crop_tl, flipped))
         upscaled += resized[0] > orig_hw[0]
@@ -314,7 +313,6 @@ class Loader:
     """
 
     def __init__(self, items, source, batch_size, rank=0, world=1, seed=0, caption_dropout=0.1, verbose=True):
-
         assert items, "no images to train on"
         assert 0 <= rank < world, (rank, world)
         self.items, self.source, self.batch_size, self.rank, self.world = list(items), source, batch_size, rank, world
